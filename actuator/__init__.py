@@ -1,0 +1,1 @@
+"""The actuator: an Alertmanager webhook that prunes builders through the core."""

@@ -1,0 +1,111 @@
+"""Running `buildctl`: inside a builder container through `docker exec`, or locally with `--addr`.
+
+Arguments are always argv lists built here from typed values; nothing passes through a shell.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from . import parse
+from .docker_api import DockerHost
+from .errors import CommandFailed, Unavailable
+from .models import CacheRecord, WorkerInfo
+
+
+class Runner(Protocol):
+    def __call__(self, args: Sequence[str]) -> str:
+        """Run `buildctl <args>` and return its standard output; raise BuilderError on failure."""
+
+
+class ContainerBuildctl:
+    """`docker exec <container> buildctl ...`, the way buildx itself reaches its builder."""
+
+    def __init__(self, host: DockerHost, container: str):
+        self.host = host
+        self.container = container
+
+    def __call__(self, args: Sequence[str]) -> str:
+        return self.host.exec_checked(self.container, ["buildctl", *args])
+
+
+@dataclass(frozen=True)
+class RemoteTLS:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+
+class LocalBuildctl:
+    """A local `buildctl --addr tcp://...` for a remote buildkitd."""
+
+    def __init__(self, address: str, binary: str = "buildctl", timeout: float = 60.0,
+                 tls: RemoteTLS | None = None):
+        self.address = address
+        self.binary = binary
+        self.timeout = timeout
+        self.tls = tls
+
+    def argv(self, args: Sequence[str]) -> list[str]:
+        argv = [self.binary, "--addr", self.address]
+        if self.tls:
+            for flag, value in (("--tlscacert", self.tls.ca_file), ("--tlscert", self.tls.cert_file),
+                                ("--tlskey", self.tls.key_file), ("--tlsservername", self.tls.server_name)):
+                if value:
+                    argv += [flag, value]
+        return argv + list(args)
+
+    def __call__(self, args: Sequence[str]) -> str:
+        if shutil.which(self.binary) is None:
+            raise Unavailable(f"buildctl not found (looked for {self.binary!r} on PATH); "
+                              "install it to reach remote builders")
+        argv = self.argv(args)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise Unavailable(f"buildctl at {self.address} did not answer within {self.timeout:g}s") from exc
+        if done.returncode != 0:
+            err = CommandFailed(argv, done.returncode, done.stderr)
+            if "connection refused" in done.stderr or "no such host" in done.stderr:
+                raise Unavailable(str(err)) from err
+            raise err
+        return done.stdout
+
+
+def _unknown_flag(exc: CommandFailed) -> bool:
+    text = exc.stderr.lower()
+    return "flag provided but not defined" in text or "unknown flag" in text or "incorrect usage" in text
+
+
+class BuildctlClient:
+    """The few buildctl commands the project uses, with fallbacks for releases without `--format`."""
+
+    def __init__(self, run: Runner):
+        self.run = run
+        self._json_du = True
+        self._json_workers = True
+
+    def du(self) -> list[CacheRecord]:
+        if self._json_du:
+            try:
+                return parse.parse_buildctl_du_json(self.run(["du", "--format", "json"]))
+            except CommandFailed as exc:
+                if not _unknown_flag(exc):
+                    raise
+                self._json_du = False
+        return parse.parse_buildctl_du_verbose(self.run(["du", "-v"]))
+
+    def workers(self) -> WorkerInfo:
+        if self._json_workers:
+            try:
+                return parse.parse_debug_workers_json(self.run(["debug", "workers", "--format", "json"]))
+            except CommandFailed as exc:
+                if not _unknown_flag(exc):
+                    raise
+                self._json_workers = False
+        return parse.parse_debug_workers_verbose(self.run(["debug", "workers", "--verbose"]))

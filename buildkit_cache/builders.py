@@ -1,0 +1,243 @@
+"""The three kinds of builder and how each is measured, and discovery of builders on a Docker host."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from . import fs, parse
+from .buildctl import BuildctlClient, ContainerBuildctl, LocalBuildctl
+from .docker_api import DockerHost
+from .errors import BuilderError, Unavailable
+from .models import (
+    DRIVER_CONTAINER,
+    DRIVER_DOCKER,
+    DRIVER_REMOTE,
+    BuilderRef,
+    CacheRecord,
+    FilesystemUsage,
+    TreeUsage,
+    WorkerInfo,
+)
+
+log = logging.getLogger(__name__)
+
+CONTAINER_PREFIX = "buildx_buildkit_"
+STATE_SUFFIX = "_state"
+STATE_DIR = "/var/lib/buildkit"  # where buildx mounts the state volume in the builder container
+
+# Names of the measurements, as they appear in the `measurement` label.
+RECORDS = "records"
+WORKERS = "gc_policy"
+STATE_VOLUME = "state_volume"
+FILESYSTEM = "filesystem"
+
+# A fixed script, never built from input: the path arrives as "$1".
+_STATE_SCRIPT = 'du -skx "$1" && find "$1" -xdev | wc -l'
+_DF_SCRIPT = 'df -k "$1" && echo --- && df -i "$1"'
+
+
+class Builder:
+    """A builder and the measurements it supports. Subclasses do the I/O; all of it is blocking."""
+
+    measurements: tuple[str, ...] = ()
+
+    def __init__(self, ref: BuilderRef):
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.ref})"
+
+    def records(self) -> list[CacheRecord]:
+        raise BuilderError(f"{self.ref}: records are not available for this builder")
+
+    def workers(self) -> WorkerInfo:
+        raise BuilderError(f"{self.ref}: this builder does not reveal its GC policy")
+
+    def state_usage(self) -> TreeUsage:
+        raise BuilderError(f"{self.ref}: this builder has no state volume")
+
+    def filesystem(self) -> FilesystemUsage:
+        raise BuilderError(f"{self.ref}: the filesystem under this builder's state is not visible")
+
+    def measure(self, measurement: str) -> Any:
+        return {
+            RECORDS: self.records,
+            WORKERS: self.workers,
+            STATE_VOLUME: self.state_usage,
+            FILESYSTEM: self.filesystem,
+        }[measurement]()
+
+
+class EngineBuilder(Builder):
+    """BuildKit embedded in dockerd (the docker driver): the Engine API's `/system/df`."""
+
+    def __init__(self, ref: BuilderRef, host: DockerHost, root_dir: str):
+        super().__init__(ref)
+        self.host = host
+        self.root_dir = root_dir
+        self.measurements = (RECORDS, FILESYSTEM) if host.host_root is not None else (RECORDS,)
+
+    def records(self) -> list[CacheRecord]:
+        try:
+            return parse.parse_engine_build_cache(self.host.system_df_build_cache())
+        except parse.ParseError as exc:
+            raise BuilderError(f"{self.ref}: {exc}") from exc
+
+    def filesystem(self) -> FilesystemUsage:
+        # The embedded BuildKit keeps its state under <DockerRootDir>/buildkit; its snapshots are the
+        # engine's own layers, on the same filesystem.
+        path = self.host.visible_path(self.root_dir + "/buildkit") or self.host.visible_path(self.root_dir)
+        if path is None:
+            raise Unavailable(f"{self.ref}: {self.root_dir} is not visible to this process "
+                              f"(host_root={self.host.host_root!r})")
+        return fs.statvfs_usage(path)
+
+
+class ContainerBuilder(Builder):
+    """A buildx docker-container builder: container `buildx_buildkit_<node>` and its state volume.
+
+    `container` is empty for a state volume whose container is gone (a leaked volume): its disk use
+    can still be measured when the volume is visible.
+    """
+
+    def __init__(self, ref: BuilderRef, host: DockerHost, mountpoint: str, state_dir: str = STATE_DIR,
+                 running: bool = True):
+        super().__init__(ref)
+        self.host = host
+        self.mountpoint = mountpoint
+        self.state_dir = state_dir
+        self.running = running
+        self.buildctl = BuildctlClient(ContainerBuildctl(host, ref.container)) if ref.container else None
+        if ref.container:
+            self.measurements = (RECORDS, WORKERS, STATE_VOLUME, FILESYSTEM)
+        else:
+            self.measurements = (STATE_VOLUME, FILESYSTEM)
+
+    def _client(self) -> BuildctlClient:
+        if self.buildctl is None:
+            raise Unavailable(f"{self.ref}: the builder container is gone; only its volume remains")
+        return self.buildctl
+
+    def records(self) -> list[CacheRecord]:
+        try:
+            return self._client().du()
+        except parse.ParseError as exc:
+            raise BuilderError(f"{self.ref}: {exc}") from exc
+
+    def workers(self) -> WorkerInfo:
+        try:
+            return self._client().workers()
+        except parse.ParseError as exc:
+            raise BuilderError(f"{self.ref}: {exc}") from exc
+
+    def state_usage(self) -> TreeUsage:
+        local = self.host.visible_path(self.mountpoint)
+        if local is not None:
+            return fs.walk_tree(local)
+        if not self.ref.container:
+            raise Unavailable(f"{self.ref}: volume {self.ref.volume} is not visible and has no container")
+        out = self.host.exec_checked(self.ref.container, ["sh", "-c", _STATE_SCRIPT, "sh", self.state_dir])
+        lines = out.strip().splitlines()
+        try:
+            return TreeUsage(bytes=parse.parse_du_sk(lines[0]), files=int(lines[-1].strip()))
+        except (IndexError, ValueError) as exc:
+            raise BuilderError(f"{self.ref}: unexpected du/find output {out[:200]!r}") from exc
+
+    def filesystem(self) -> FilesystemUsage:
+        local = self.host.visible_path(self.mountpoint)
+        if local is not None:
+            return fs.statvfs_usage(local)
+        if not self.ref.container:
+            raise Unavailable(f"{self.ref}: volume {self.ref.volume} is not visible and has no container")
+        out = self.host.exec_checked(self.ref.container, ["sh", "-c", _DF_SCRIPT, "sh", self.state_dir])
+        df_k, sep, df_i = out.partition("---")
+        if not sep:
+            raise BuilderError(f"{self.ref}: unexpected df output {out[:200]!r}")
+        try:
+            return parse.parse_df(df_k, df_i)
+        except parse.ParseError as exc:
+            raise BuilderError(f"{self.ref}: {exc}") from exc
+
+
+class RemoteBuilder(Builder):
+    """A buildkitd reached by address (tcp://, unix://) with a local buildctl."""
+
+    measurements = (RECORDS, WORKERS)
+
+    def __init__(self, ref: BuilderRef, buildctl: LocalBuildctl):
+        super().__init__(ref)
+        self.client = BuildctlClient(buildctl)
+
+    def records(self) -> list[CacheRecord]:
+        try:
+            return self.client.du()
+        except parse.ParseError as exc:
+            raise BuilderError(f"{self.ref}: {exc}") from exc
+
+    def workers(self) -> WorkerInfo:
+        try:
+            return self.client.workers()
+        except parse.ParseError as exc:
+            raise BuilderError(f"{self.ref}: {exc}") from exc
+
+
+def builder_name_for_node(node: str) -> str:
+    """buildx names its container `buildx_buildkit_<builder><index>`; index 0 is the usual node.
+
+    'kamal0' -> 'kamal'; 'ci1' stays 'ci1' so a second node never collides with the first.
+    """
+    if len(node) > 1 and node.endswith("0"):
+        return node[:-1]
+    return node
+
+
+def discover(host: DockerHost, container_names: Mapping[str, str] | None = None) -> list[Builder]:
+    """Every builder on a Docker host: the engine's own, buildx containers, and leaked state volumes.
+
+    `container_names` maps a container name to the builder name the config gives it.
+    Raises Unavailable when the daemon cannot be reached.
+    """
+    container_names = container_names or {}
+    info = host.info()
+    builders: list[Builder] = [
+        EngineBuilder(BuilderRef(host.name, "default", DRIVER_DOCKER), host, info.get("DockerRootDir") or "/var/lib/docker")
+    ]
+    volumes = {v["Name"]: v for v in host.volumes(CONTAINER_PREFIX) if v.get("Name", "").endswith(STATE_SUFFIX)}
+    claimed: set[str] = set()
+    for c in host.containers(CONTAINER_PREFIX):
+        name = next(n.lstrip("/") for n in c["Names"] if n.lstrip("/").startswith(CONTAINER_PREFIX))
+        mount = _state_mount(c)
+        volume = mount.get("Name", "") if mount else ""
+        mountpoint = mount.get("Source", "") if mount else ""
+        if volume in volumes:
+            mountpoint = volumes[volume].get("Mountpoint") or mountpoint
+        claimed.add(volume)
+        builder = container_names.get(name) or builder_name_for_node(name[len(CONTAINER_PREFIX):])
+        ref = BuilderRef(host.name, builder, DRIVER_CONTAINER, container=name, volume=volume)
+        builders.append(ContainerBuilder(ref, host, mountpoint, mount.get("Destination", STATE_DIR) if mount else STATE_DIR,
+                                         running=c.get("State") == "running"))
+    for name, v in sorted(volumes.items()):
+        if name in claimed:
+            continue
+        container = name[: -len(STATE_SUFFIX)]
+        builder = container_names.get(container) or builder_name_for_node(container[len(CONTAINER_PREFIX):])
+        ref = BuilderRef(host.name, builder, DRIVER_CONTAINER, container="", volume=name)
+        builders.append(ContainerBuilder(ref, host, v.get("Mountpoint", "")))
+    return builders
+
+
+def _state_mount(container: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    mounts = container.get("Mounts") or ()
+    for m in mounts:
+        if m.get("Destination") == STATE_DIR:
+            return m
+    for m in mounts:
+        if m.get("Type") == "volume" and str(m.get("Name", "")).endswith(STATE_SUFFIX):
+            return m
+    return None
+
+
+def remote_builder(host_label: str, name: str, buildctl: LocalBuildctl) -> RemoteBuilder:
+    return RemoteBuilder(BuilderRef(host_label, name, DRIVER_REMOTE, address=buildctl.address), buildctl)

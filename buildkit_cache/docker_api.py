@@ -1,0 +1,231 @@
+"""One Docker host reached through the docker SDK: every Docker Engine API call of the project."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import docker
+import docker.errors
+import docker.tls
+import requests.exceptions
+
+from .errors import BuilderError, CommandFailed, Unavailable
+
+log = logging.getLogger(__name__)
+
+# Connection-level failures: the daemon is down, unreachable or too slow. Reported as Unavailable.
+_CONNECTION_ERRORS = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    ConnectionError,
+    TimeoutError,
+    FileNotFoundError,
+    docker.errors.DockerException,
+)
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def default_docker_url() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def host_label(url: str) -> str:
+    """A short `host` label for a Docker URL: 'local' for a unix socket, else the host name."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("unix", "npipe", ""):
+        return "local"
+    return parsed.hostname or url
+
+
+def api_at_least(version: str, minimum: str) -> bool:
+    def parts(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+    return parts(version) >= parts(minimum)
+
+
+class DockerHost:
+    """A Docker Engine, reached lazily, with timeouts on every call and a reconnect after failures.
+
+    `host_root` is where this host's filesystem is visible to this process ('/' when the exporter
+    runs on the host itself, '/host' when it runs in a container with the host's / mounted there,
+    None when it cannot see it at all, as for a remote host).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        timeout: float = 30.0,
+        tls: TLSSettings | None = None,
+        host_root: str | None = None,
+    ):
+        self.name = name
+        self.url = url
+        self.timeout = timeout
+        self.tls = tls
+        self.host_root = host_root
+        self._client: docker.APIClient | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DockerHost({self.name!r}, {self.url!r})"
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def client(self) -> docker.APIClient:
+        with self._lock:
+            if self._client is None:
+                self._client = self._connect()
+            return self._client
+
+    def _connect(self) -> docker.APIClient:
+        kwargs: dict[str, Any] = {"base_url": self.url, "version": "auto", "timeout": self.timeout}
+        if self.url.startswith("ssh://"):
+            # The system ssh client honours ~/.ssh/config; paramiko would be one more dependency.
+            kwargs["use_ssh_client"] = True
+        if self.tls is not None:
+            cert = (self.tls.cert_file, self.tls.key_file) if self.tls.cert_file else None
+            kwargs["tls"] = docker.tls.TLSConfig(
+                client_cert=cert,
+                ca_cert=self.tls.ca_file,
+                verify=self.tls.ca_file if (self.tls.verify and self.tls.ca_file) else self.tls.verify,
+            )
+        try:
+            return docker.APIClient(**kwargs)
+        except _CONNECTION_ERRORS as exc:
+            raise Unavailable(f"Docker at {self.url} is unreachable: {_short(exc)}") from exc
+
+    def _reset(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.close()
+                except Exception:  # noqa: BLE001 - closing a broken client must not raise
+                    pass
+            self._client = None
+
+    def _call(self, what: str, fn, client_error: type[BuilderError] = BuilderError):
+        """Run one SDK call. A refusal (4xx) raises `client_error`; a daemon that is down, failing
+        or too slow raises Unavailable and drops the client so the next call reconnects."""
+        client = self.client()
+        try:
+            return fn(client)
+        except docker.errors.APIError as exc:
+            if exc.status_code is not None and exc.status_code < 500:
+                raise client_error(f"{what} on {self.name}: {_short(exc)}") from exc
+            self._reset()
+            raise Unavailable(f"{what} on {self.name}: {_short(exc)}") from exc
+        except _CONNECTION_ERRORS as exc:
+            self._reset()
+            raise Unavailable(f"{what} on {self.name}: Docker at {self.url} is unreachable: {_short(exc)}") from exc
+
+    @property
+    def api_version(self) -> str:
+        return self.client().api_version
+
+    # -- engine -----------------------------------------------------------------------------------
+
+    def version(self) -> Mapping[str, Any]:
+        return self._call("GET /version", lambda c: c.version())
+
+    def info(self) -> Mapping[str, Any]:
+        return self._call("GET /info", lambda c: c.info())
+
+    def system_df_build_cache(self) -> Mapping[str, Any]:
+        """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it."""
+
+        def call(c: docker.APIClient) -> Mapping[str, Any]:
+            params = {"type": "build-cache"} if api_at_least(c.api_version, "1.42") else None
+            res = c._get(c._url("/system/df"), params=params)
+            return c._result(res, True)
+
+        return self._call("GET /system/df", call)
+
+    def build_prune(self, params: Mapping[str, str]) -> Mapping[str, Any]:
+        """`POST /build/prune` with query parameters already in the engine's API shape."""
+
+        def call(c: docker.APIClient) -> Mapping[str, Any]:
+            res = c._post(c._url("/build/prune"), params=dict(params))
+            return c._result(res, True)
+
+        return self._call("POST /build/prune", call)
+
+    # -- containers and volumes -----------------------------------------------------------------
+
+    def containers(self, name_prefix: str) -> list[Mapping[str, Any]]:
+        """All containers (running or not) whose name starts with `name_prefix`."""
+        found = self._call(
+            "GET /containers/json", lambda c: c.containers(all=True, filters={"name": name_prefix})
+        )
+        return [
+            c for c in found if any(n.lstrip("/").startswith(name_prefix) for n in c.get("Names") or ())
+        ]
+
+    def volumes(self, name_prefix: str) -> list[Mapping[str, Any]]:
+        found = self._call("GET /volumes", lambda c: c.volumes(filters={"name": name_prefix}))
+        return [v for v in (found.get("Volumes") or ()) if v.get("Name", "").startswith(name_prefix)]
+
+    def exec(self, container: str, argv: Sequence[str]) -> ExecResult:
+        """Run `argv` (no shell) in a running container and collect its output and exit code."""
+
+        def call(c: docker.APIClient) -> ExecResult:
+            created = c.exec_create(container, list(argv), stdout=True, stderr=True)
+            out, err = c.exec_start(created["Id"], demux=True)
+            code = c.exec_inspect(created["Id"]).get("ExitCode")
+            return ExecResult(
+                exit_code=-1 if code is None else int(code),
+                stdout=(out or b"").decode("utf-8", "replace"),
+                stderr=(err or b"").decode("utf-8", "replace"),
+            )
+
+        # 404: the container is gone; 409: it is stopped or paused. Both: the builder is unavailable.
+        return self._call(f"exec in {container}", call, client_error=Unavailable)
+
+    def exec_checked(self, container: str, argv: Sequence[str]) -> str:
+        result = self.exec(container, argv)
+        if result.exit_code != 0:
+            raise CommandFailed(list(argv), result.exit_code, result.stderr or result.stdout)
+        return result.stdout
+
+    # -- paths ----------------------------------------------------------------------------------
+
+    def visible_path(self, path: str) -> str | None:
+        """Where a path of this host's filesystem is visible to this process, if it is."""
+        if self.host_root is None or not path:
+            return None
+        local = os.path.join(self.host_root, path.lstrip("/"))
+        return local if os.path.exists(local) else None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        text = str(exc.explanation)
+    try:
+        text = json.loads(text).get("message", text)
+    except (ValueError, AttributeError):
+        pass
+    return text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__

@@ -1,0 +1,1 @@
+"""The Prometheus exporter: background collection from the core, served from a snapshot."""

@@ -1,0 +1,135 @@
+"""`buildkit-cache-exporter`: command line, logging and the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from buildkit_cache import __version__
+from buildkit_cache.config import Config, ConfigError, as_dict, load
+from buildkit_cache.config_schema import as_listen
+from buildkit_cache.inventory import Inventory
+
+from .metrics import CacheCollector
+from .scheduler import Scheduler
+from .store import Store
+
+log = logging.getLogger("exporter")
+
+LANDING = """<!doctype html><html><head><title>BuildKit cache exporter</title></head><body>
+<h1>BuildKit cache exporter</h1><p>Version {version}.</p>
+<ul><li><a href="/metrics">/metrics</a></li><li><a href="/-/healthy">/-/healthy</a></li></ul>
+</body></html>"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="buildkit-cache-exporter",
+        description="Export the build cache of every BuildKit builder on one or more Docker hosts to Prometheus: "
+                    "the engine's embedded builder, buildx docker-container builders and their state volumes, "
+                    "and remote buildkitd listed in the config.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config file shared with the actuator (default: none, built-in defaults)")
+    p.add_argument("--docker-host", metavar="URL", action="append", dest="docker_hosts",
+                   help="Docker host to watch (unix://, tcp://, ssh://); repeatable; replaces docker_hosts from the "
+                        "config (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve /metrics on (default: exporter.listen, 0.0.0.0:9862)")
+    p.add_argument("--check-config", action="store_true", help="validate the config, print the effective config and exit")
+    p.add_argument("--once", action="store_true",
+                   help="collect once, print the metrics and exit; exits 1 if any builder or host failed")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> web.Application:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CacheCollector(store, cfg))
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/-/healthy", lambda _r: web.Response(text="ok\n"))
+    app.router.add_get("/", lambda _r: web.Response(text=LANDING.format(version=__version__), content_type="text/html"))
+    if scheduler is not None:
+        async def background(app: web.Application):
+            task = asyncio.create_task(scheduler.run_forever())
+            yield
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            scheduler.close()
+
+        app.cleanup_ctx.append(background)
+    return app
+
+
+async def _once(cfg: Config) -> int:
+    store = Store()
+    scheduler = Scheduler(cfg, Inventory(cfg), store)
+    try:
+        await scheduler.collect_once()
+    finally:
+        scheduler.close()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CacheCollector(store, cfg))
+    sys.stdout.write(generate_latest(registry).decode())
+    failed = [f"{h}: {s.error}" for h, s in store.hosts.items() if not s.up]
+    failed += [f"{state.ref} {m}: {r.error}" for state in store.builders.values()
+               for m, r in state.results.items() if not r.success]
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+async def _serve(cfg: Config, host: str, port: int) -> None:
+    store = Store()
+    scheduler = Scheduler(cfg, Inventory(cfg), store)
+    app = make_app(store, cfg, scheduler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("serving /metrics on http://%s:%d, watching %s", host, port,
+             ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts) +
+             "".join(f", remote {b.name} ({b.address})" for b in cfg.remote_builders()))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load(args.config, args.docker_hosts)
+        listen = as_listen(args.listen) if args.listen else cfg.exporter.listen
+    except ConfigError as exc:
+        print(f"buildkit-cache-exporter: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"buildkit-cache-exporter: --listen: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        sys.stdout.write(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        return 0
+    if args.once:
+        return asyncio.run(_once(cfg))
+    try:
+        asyncio.run(_serve(cfg, *listen))
+    except OSError as exc:
+        print(f"buildkit-cache-exporter: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,161 @@
+"""Background collection: discovery per Docker host and each measurement per builder, on its own
+interval, in worker threads with a deadline, one run of a job at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from buildkit_cache.builders import RECORDS, Builder
+from buildkit_cache.config import Config
+from buildkit_cache.errors import BuilderError
+from buildkit_cache.inventory import Inventory
+from buildkit_cache.usage import summarize
+
+from .store import HostState, Result, Store
+
+log = logging.getLogger("exporter")
+
+JobKey = tuple[str, ...]  # ("discover", host) or ("measure", host, builder, measurement)
+
+
+class Scheduler:
+    def __init__(self, cfg: Config, inventory: Inventory, store: Store, *,
+                 clock: Callable[[], float] = time.time, max_workers: int = 8):
+        self.cfg = cfg
+        self.inventory = inventory
+        self.store = store
+        self.clock = clock
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                              thread_name_prefix="collect")
+        self.next_due: dict[JobKey, float] = {}
+        self.running: dict[JobKey, asyncio.Task[None]] = {}
+        for remote in inventory.remotes:
+            store.add_builder(remote)
+
+    # -- one pass -------------------------------------------------------------------------------
+
+    async def collect_once(self) -> None:
+        """Discover every host, then run every measurement of every builder once."""
+        await asyncio.gather(*(self.discover(h) for h in self.inventory.hosts))
+        await asyncio.gather(*(
+            self.measure(state.builder, m)
+            for state in list(self.store.builders.values())
+            for m in state.builder.measurements
+        ))
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self.executor, fn), self.cfg.exporter.timeout)
+
+    async def discover(self, host: str) -> None:
+        def work() -> tuple[list[Builder], HostState]:
+            builders = self.inventory.discover(host)
+            version = self.inventory.hosts[host].version()
+            return builders, HostState(True, version=str(version.get("Version", "")),
+                                       api_version=str(version.get("ApiVersion", "")))
+
+        try:
+            builders, state = await self._in_thread(work)
+        except (TimeoutError, BuilderError) as exc:
+            message = str(exc) or f"no answer within {self.cfg.exporter.timeout:g}s"
+            previous = self.store.hosts.get(host)
+            if previous is None or previous.up:
+                log.warning("docker host %s: discovery failed: %s", host, message)
+            # Keep the builders we knew: their measurements fail and show success 0 until it is back.
+            self.store.set_host(host, HostState(False, error=message))
+            return
+        previous = self.store.hosts.get(host)
+        if previous is not None and not previous.up:
+            log.info("docker host %s: reachable again", host)
+        self.store.set_host(host, state)
+        added, gone = self.store.set_host_builders(host, builders)
+        for b in added:
+            log.info("found builder %s (driver %s%s)", b.ref, b.ref.driver,
+                     f", container {b.ref.container}" if b.ref.container else
+                     f", volume {b.ref.volume} without a container" if b.ref.volume else "")
+            for m in b.measurements:
+                self.next_due[("measure", *b.ref.key, m)] = 0.0
+        for ref in gone:
+            log.info("builder %s is gone", ref)
+            for key in [k for k in self.next_due if k[0] == "measure" and tuple(k[1:3]) == ref.key]:
+                del self.next_due[key]
+
+    async def measure(self, builder: Builder, measurement: str) -> None:
+        windows = self.cfg.exporter.idle_windows
+
+        def work() -> Any:
+            if measurement == RECORDS:
+                # Keep the summary, not the records: a busy builder has tens of thousands.
+                return summarize(builder.records(), datetime.now(UTC), windows)
+            return builder.measure(measurement)
+
+        started = time.monotonic()
+        try:
+            value = await self._in_thread(work)
+        except (TimeoutError, BuilderError, OSError) as exc:
+            message = str(exc) or f"no answer within {self.cfg.exporter.timeout:g}s"
+            previous = self.store.builders.get(builder.ref.key)
+            last = previous.results.get(measurement) if previous else None
+            if last is None or last.success or last.error != message:
+                log.warning("builder %s: %s failed: %s", builder.ref, measurement, message)
+            self.store.set_result(builder.ref.key, measurement,
+                                  Result(False, time.monotonic() - started, error=message))
+            return
+        except Exception:  # noqa: BLE001 - a bug in one measurement must not stop the others
+            log.exception("builder %s: %s failed unexpectedly", builder.ref, measurement)
+            self.store.set_result(builder.ref.key, measurement,
+                                  Result(False, time.monotonic() - started, error="internal error"))
+            return
+        self.store.set_result(builder.ref.key, measurement,
+                              Result(True, time.monotonic() - started, value=value,
+                                     last_success_timestamp=self.clock()))
+
+    # -- forever --------------------------------------------------------------------------------
+
+    def _interval(self, key: JobKey) -> float:
+        if key[0] == "discover":
+            return self.cfg.exporter.intervals.discovery
+        return getattr(self.cfg.exporter.intervals, key[3])
+
+    def _jobs(self) -> list[JobKey]:
+        jobs: list[JobKey] = [("discover", h) for h in self.inventory.hosts]
+        for state in self.store.builders.values():
+            jobs += [("measure", *state.ref.key, m) for m in state.builder.measurements]
+        return jobs
+
+    def _start(self, key: JobKey) -> None:
+        if key[0] == "discover":
+            coro = self.discover(key[1])
+        else:
+            state = self.store.builders.get((key[1], key[2]))
+            if state is None:
+                return
+            coro = self.measure(state.builder, key[3])
+        task = asyncio.get_running_loop().create_task(coro, name="/".join(key))
+        self.running[key] = task
+        task.add_done_callback(lambda _t, k=key: self.running.pop(k, None))
+
+    async def run_forever(self, tick: float = 0.5) -> None:
+        """Start each job when it is due and not already running; never returns."""
+        try:
+            while True:
+                now = time.monotonic()
+                for key in self._jobs():
+                    if key in self.running:
+                        continue
+                    if self.next_due.get(key, 0.0) <= now:
+                        self.next_due[key] = now + self._interval(key)
+                        self._start(key)
+                await asyncio.sleep(tick)
+        finally:
+            for task in list(self.running.values()):
+                task.cancel()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
