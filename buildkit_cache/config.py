@@ -316,9 +316,11 @@ def _actuator(s: Section) -> ActuatorConfig:
     auth_s = s.section("auth")
     basic = auth_s.section("basic_auth") if auth_s.has("basic_auth") else None
     auth = AuthConfig(
-        bearer_token_file=auth_s.get("bearer_token_file", _existing_file, None),
+        # Secret files are read (and checked) by the actuator when it starts: the exporter shares
+        # this file and need not have them.
+        bearer_token_file=auth_s.get("bearer_token_file", as_str, None),
         basic_username=basic.get("username", as_str) if basic else None,
-        basic_password_file=basic.get("password_file", _existing_file) if basic else None,
+        basic_password_file=basic.get("password_file", as_str) if basic else None,
     )
     if basic:
         basic.finish()
@@ -327,9 +329,9 @@ def _actuator(s: Section) -> ActuatorConfig:
     if s.has("tls"):
         t = s.section("tls")
         tls = ServerTLSConfig(
-            cert_file=t.get("cert_file", _existing_file),
-            key_file=t.get("key_file", _existing_file),
-            client_ca_file=t.get("client_ca_file", _existing_file, None),
+            cert_file=t.get("cert_file", as_str),
+            key_file=t.get("key_file", as_str),
+            client_ca_file=t.get("client_ca_file", as_str, None),
         )
         t.finish()
     actions = _default_actions()

@@ -140,7 +140,7 @@ def _verbose_blocks(text: str) -> list[dict[str, str]]:
 
 
 def parse_buildctl_du_verbose(text: str) -> list[CacheRecord]:
-    """`buildctl du -v`, for buildctl releases without `--format`. Sizes keep 4 significant digits."""
+    """`buildctl du -v`, for buildctl releases without `--format`. Sizes have two decimals of their unit."""
     records = []
     for block in _verbose_blocks(text):
         if "ID" not in block:
@@ -290,7 +290,7 @@ def parse_buildctl_prune_json(text: str) -> list[CacheRecord]:
 
 
 def parse_buildctl_prune_table(text: str) -> tuple[list[str], int]:
-    """`buildctl prune` table: ids deleted and the reported total (bytes, 4 significant digits)."""
+    """`buildctl prune` table: ids deleted and the reported total (bytes, to two decimals of its unit)."""
     ids: list[str] = []
     total = 0
     for line in text.splitlines():

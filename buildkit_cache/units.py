@@ -92,7 +92,7 @@ _HUMAN_UNITS = {"B": 1, "kB": 1000, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "T
 
 
 def parse_human_size(text: str) -> int:
-    """Parse go-units HumanSize output ('4.10kB', '9.44MB', '0B'), which keeps 4 significant digits."""
+    """Parse the sizes buildctl prints ('4.10kB', '708.61kB', '9.44MB'): two decimals of a decimal unit."""
     match = _HUMAN_RE.match(text)
     if not match:
         raise ValueError(f"not a BuildKit size: {text!r}")

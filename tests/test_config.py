@@ -1,0 +1,170 @@
+"""The shared config: defaults, every key, and errors that name the key and what is allowed."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from buildkit_cache.config import ConfigError, load, parse_config
+from buildkit_cache.units import format_duration, parse_duration, parse_human_size, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("5GB", 5_000_000_000), ("512MiB", 512 * 1024**2), ("1.5G", 1_500_000_000), (1024, 1024),
+    ("10 kB", 10_000), ("0", 0),
+])
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "5XB", "-1GB", True, ""])
+def test_bad_sizes(bad):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize("text,expected", [("10m", 600), ("1h30m", 5400), ("7d", 604800), ("500ms", 0.5), (30, 30)])
+def test_durations(text, expected):
+    assert parse_duration(text) == expected
+    assert format_duration(86400 * 7) == "7d" and format_duration(5400) == "90m"
+
+
+@pytest.mark.parametrize("bad", ["soon", "10", "m10", "1y"])
+def test_bad_durations(bad):
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def test_human_sizes_as_buildctl_prints_them():
+    assert parse_human_size("708.61kB") == 708610
+    assert parse_human_size("44.96MB") == 44_960_000
+    assert parse_human_size("0B") == 0
+
+
+def test_defaults_watch_the_local_docker_socket(monkeypatch):
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    cfg = parse_config({})
+    (host,) = cfg.docker_hosts
+    assert host.url == "unix:///var/run/docker.sock"
+    assert host.name == "local" and host.host_root == "/"
+    assert cfg.exporter.listen == ("0.0.0.0", 9862)
+    assert cfg.actuator.listen == ("127.0.0.1", 9863)
+
+
+def test_docker_host_env_is_the_default(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "tcp://build.example:2376")
+    (host,) = parse_config({}).docker_hosts
+    assert host.url == "tcp://build.example:2376"
+    assert host.name == "build.example"
+    assert host.host_root is None  # a remote host's files are not visible here
+
+
+def test_full_example_config_loads():
+    cfg = load(str(ROOT / "deploy" / "config.example.yml"))
+    assert cfg.builders["kamal-remote"].budget == 20_000_000_000
+    assert cfg.exporter.intervals.state_volume == 600
+    assert cfg.actuator.actions["prune-idle"].idle_for == 7 * 86400
+
+
+def test_remote_builder_gets_its_host_label_from_the_address():
+    cfg = parse_config({"builders": {"ci": {"address": "tcp://buildkitd.internal:1234", "budget": "50GB"}}})
+    (ci,) = cfg.remote_builders()
+    assert ci.host == "buildkitd.internal"
+    assert cfg.budget_for("ci") == 50_000_000_000
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"exporter": {"listn": ":9862"}}, r"exporter.listn: unknown key \(did you mean 'listen'\?\)"),
+    ({"exporter": {"intervals": {"records": "fast"}}}, r"exporter.intervals.records: expected a duration like 30s"),
+    ({"exporter": {"intervals": {"records": "0s"}}}, r"exporter.intervals.records: expected a duration above zero"),
+    ({"builders": {"kamal": {"budget": "lots"}}}, r"builders.kamal.budget: expected a size like 5GB or 512MiB, got 'lots'"),
+    ({"builders": {"kamal": {"budget": "5GB", "actions": ["prune-everything"]}}},
+     r"builders.kamal.actions\[0\]: unknown action 'prune-everything'; actions are: prune-all, prune-idle, prune-to-budget"),
+    ({"builders": {"kamal": {"container": "kamal0"}}}, r"builders.kamal.container: expected a buildx builder container"),
+    ({"builders": {"ci": {"address": "http://x"}}}, r"builders.ci.address: expected a buildkitd address"),
+    ({"docker_hosts": [{"url": "ftp://x"}]}, r"docker_hosts\[0\].url: expected a unix://, tcp:// or ssh:// URL"),
+    ({"docker_hosts": "unix:///var/run/docker.sock"}, r"docker_hosts: expected a list"),
+    ({"docker_hosts": [{"name": "a"}]}, r"docker_hosts\[0\].url: is required"),
+    ({"docker_hosts": ["unix:///a.sock", "unix:///b.sock"]}, r"two hosts are named 'local'"),
+    ({"exporter": {"listen": "9862"}}, r"exporter.listen: expected host:port"),
+    ({"exporter": {"idle_windows": ["1h", "often"]}}, r"exporter.idle_windows\[1\]: expected a duration"),
+    ({"actuator": {"dry_run": "yes"}}, r"actuator.dry_run: expected true or false, got 'yes'"),
+    ({"docker_hosts": [{"url": "tcp://h:2376", "tls": {"ca_file": "/nonexistent/ca.pem"}}]},
+     r"docker_hosts\[0\].tls.ca_file: no such file: /nonexistent/ca.pem"),
+    ({"actuator": {"auth": {"basic_auth": {"username": "am"}}}}, r"actuator.auth.basic_auth.password_file: is required"),
+    ({"actuator": {"actions": {"nightly": {"idle_for": "1d"}}}}, r"actuator.actions.nightly.kind: is required for a new action"),
+    ({"actuator": {"actions": {"prune-all": {"idle_for": "1d"}}}}, r"actuator.actions.prune-all.idle_for: applies to prune-idle"),
+    ({"exporterr": {}}, r"exporterr: unknown key \(did you mean 'exporter'\?\)"),
+    (["a", "b"], r"\(top level\): expected a mapping"),
+])
+def test_errors_name_the_key_and_what_is_allowed(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, "cfg.yml")
+
+
+def test_custom_and_disabled_actions():
+    cfg = parse_config({"actuator": {"actions": {"nightly": {"kind": "prune-idle", "idle_for": "1d"},
+                                                 "prune-all": {"enabled": False}}}})
+    assert set(cfg.actuator.actions) == {"prune-to-budget", "prune-idle", "nightly"}
+    assert cfg.actuator.actions["nightly"].idle_for == 86400
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("builders:\n  kamal:\n    budget: [5GB\n")
+    with pytest.raises(ConfigError, match=r"c.yml: not valid YAML at line \d+"):
+        load(str(p))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_check_config_prints_the_effective_config_and_exits_0(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text(textwrap.dedent("""
+        docker_hosts: [unix:///run/docker.sock]
+        builders:
+          kamal: {budget: 10GB}
+        exporter:
+          intervals: {records: 15s}
+    """))
+    done = run_cli("--config", str(p), "--check-config")
+    assert done.returncode == 0, done.stderr
+    effective = yaml.safe_load(done.stdout)
+    assert effective["builders"]["kamal"]["budget"] == 10_000_000_000
+    assert effective["exporter"]["intervals"]["records"] == "15s"
+    assert effective["exporter"]["intervals"]["state_volume"] == "5m"
+    assert effective["docker_hosts"][0]["url"] == "unix:///run/docker.sock"
+
+
+def test_a_bad_config_is_one_line_on_stderr_and_exit_2(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("builders:\n  kamal:\n    bugdet: 10GB\n")
+    done = run_cli("--config", str(p), "--check-config")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0
+    assert "builders.kamal.bugdet: unknown key (did you mean 'budget'?)" in done.stderr
+
+
+def test_docker_host_flags_replace_the_config_hosts(tmp_path):
+    p = tmp_path / "c.yml"
+    p.write_text("docker_hosts: [unix:///run/docker.sock]\n")
+    done = run_cli("--config", str(p), "--docker-host", "tcp://a.example:2375", "--docker-host",
+                   "ssh://deploy@b.example", "--check-config")
+    hosts = yaml.safe_load(done.stdout)["docker_hosts"]
+    assert [(h["name"], h["url"]) for h in hosts] == [("a.example", "tcp://a.example:2375"),
+                                                        ("b.example", "ssh://deploy@b.example")]
+
+
+def test_missing_config_file_is_a_clear_error():
+    done = run_cli("--config", "/nonexistent/bkce.yml", "--check-config")
+    assert done.returncode == 2
+    assert "/nonexistent/bkce.yml: cannot read: No such file or directory" in done.stderr

@@ -1,0 +1,179 @@
+"""The exporter's collector and scheduler: what a scrape shows, and how failures are isolated."""
+
+import dataclasses
+import threading
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from buildkit_cache import parse
+from buildkit_cache.builders import Builder
+from buildkit_cache.config import parse_config
+from buildkit_cache.errors import Unavailable
+from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, TreeUsage
+from exporter.metrics import CacheCollector
+from exporter.scheduler import Scheduler
+from exporter.store import Store
+
+F = Path(__file__).parent / "fixtures" / "buildctl"
+
+
+class RecordedBuilder(Builder):
+    """A builder whose BuildKit answers with recorded real outputs; any measurement can be broken."""
+
+    measurements = ("records", "gc_policy", "state_volume", "filesystem")
+
+    def __init__(self, name, broken=(), hang=None):
+        super().__init__(BuilderRef("h1", name, DRIVER_CONTAINER, container=f"buildx_buildkit_{name}0",
+                                    volume=f"buildx_buildkit_{name}0_state"))
+        self.broken = set(broken)
+        self.hang = hang
+
+    def _check(self, m):
+        if self.hang is not None and m in self.broken:
+            self.hang.wait(5)
+        if m in self.broken:
+            raise Unavailable(f"{self.ref}: container is not running")
+
+    def records(self):
+        self._check("records")
+        return parse.parse_buildctl_du_json((F / "du.json").read_text())
+
+    def workers(self):
+        self._check("gc_policy")
+        return parse.parse_debug_workers_json((F / "debug-workers-gc.json").read_text())
+
+    def state_usage(self):
+        self._check("state_volume")
+        return TreeUsage(bytes=parse.parse_du_sk((F / "du-sk.txt").read_text()), files=1234)
+
+    def filesystem(self):
+        self._check("filesystem")
+        return parse.parse_df((F / "df-k.txt").read_text(), (F / "df-i.txt").read_text())
+
+
+class Inv:
+    def __init__(self, builders):
+        self.hosts = {}
+        self.remotes = builders
+
+
+def scrape(store, cfg):
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CacheCollector(store, cfg))
+    return registry
+
+
+async def collect(builders, cfg=None):
+    cfg = cfg or parse_config({"builders": {"kamal": {"budget": "30MB"}}})
+    store = Store()
+    s = Scheduler(cfg, Inv(builders), store)
+    try:
+        await s.collect_once()
+    finally:
+        s.close()
+    return store, scrape(store, cfg)
+
+
+async def test_a_healthy_builder_exports_every_measurement():
+    _, reg = await collect([RecordedBuilder("kamal")])
+    L = {"host": "h1", "builder": "kamal"}
+    v = lambda name, **kw: reg.get_sample_value(name, {**L, **kw})  # noqa: E731
+    total = sum(r.size for r in parse.parse_buildctl_du_json((F / "du.json").read_text()))
+    assert sum(v("buildkit_cache_size_bytes", record_type=t, state="reclaimable")
+               for t in ("regular", "source.local", "exec.cachemount")) == total
+    assert v("buildkit_cache_records", record_type="exec.cachemount", state="reclaimable") == 4
+    assert v("buildkit_cache_records", record_type="internal", state="in_use") == 0
+    assert v("buildkit_cache_records", record_type="source.git.checkout", state="shared") == 0
+    assert v("buildkit_cache_state_volume_size_bytes") == 45272 * 1024
+    assert v("buildkit_cache_state_volume_files") == 1234
+    assert v("buildkit_cache_filesystem_size_bytes") == 264212084 * 1024
+    assert v("buildkit_cache_filesystem_files_free") == 16336060
+    assert v("buildkit_cache_gc_enabled") == 1
+    assert v("buildkit_cache_gc_rule_max_used_bytes", rule="0") == 512e6
+    assert v("buildkit_cache_gc_rule_keep_duration_seconds", rule="0") == 172800
+    assert v("buildkit_cache_gc_rule_min_free_bytes", rule="3") == 51e9
+    assert v("buildkit_cache_gc_rule_info", rule="3", all="true", filters="") == 1
+    assert v("buildkit_cache_budget_bytes") == 30e6
+    assert v("buildkit_cache_builder_info", driver="docker-container", buildkit_version="v0.0.0+unknown",
+             container="buildx_buildkit_kamal0", volume="buildx_buildkit_kamal0_state", address="") == 1
+    for m in ("records", "gc_policy", "state_volume", "filesystem"):
+        assert v("buildkit_cache_measurement_success", measurement=m) == 1
+        assert v("buildkit_cache_measurement_last_success_timestamp_seconds", measurement=m) > 1.7e9
+
+
+async def test_one_failing_measurement_shows_success_0_and_hides_nothing_else():
+    store, reg = await collect([RecordedBuilder("kamal", broken={"records"}), RecordedBuilder("ci")])
+    assert reg.get_sample_value("buildkit_cache_measurement_success",
+                                {"host": "h1", "builder": "kamal", "measurement": "records"}) == 0
+    # No stale or made-up values for the failed measurement...
+    assert reg.get_sample_value("buildkit_cache_size_bytes", {"host": "h1", "builder": "kamal",
+                                                              "record_type": "regular", "state": "reclaimable"}) is None
+    # ...but the same builder's other measurements and the other builder are all there.
+    assert reg.get_sample_value("buildkit_cache_state_volume_files", {"host": "h1", "builder": "kamal"}) == 1234
+    assert reg.get_sample_value("buildkit_cache_size_bytes", {"host": "h1", "builder": "ci",
+                                                              "record_type": "regular", "state": "reclaimable"}) > 0
+    assert "container is not running" in store.builders[("h1", "kamal")].results["records"].error
+    # The exposition stays valid.
+    text = generate_latest(reg).decode()
+    assert list(text_string_to_metric_families(text))
+
+
+async def test_a_hanging_measurement_times_out_as_success_0():
+    release = threading.Event()
+    cfg = parse_config({"exporter": {"timeout": "300ms"}})
+    try:
+        store, reg = await collect([RecordedBuilder("kamal", broken={"state_volume"}, hang=release)], cfg)
+    finally:
+        release.set()
+    r = store.builders[("h1", "kamal")].results["state_volume"]
+    assert not r.success and "no answer within 0.3s" in r.error
+    assert reg.get_sample_value("buildkit_cache_measurement_success",
+                                {"host": "h1", "builder": "kamal", "measurement": "records"}) == 1
+
+
+async def test_last_success_timestamp_survives_a_failure():
+    b = RecordedBuilder("kamal")
+    cfg = parse_config({})
+    store = Store()
+    s = Scheduler(cfg, Inv([b]), store, clock=lambda: 1000.0)
+    try:
+        await s.collect_once()
+        b.broken.add("records")
+        s.clock = lambda: 2000.0
+        await s.collect_once()
+    finally:
+        s.close()
+    reg = scrape(store, cfg)
+    labels = {"host": "h1", "builder": "kamal", "measurement": "records"}
+    assert reg.get_sample_value("buildkit_cache_measurement_success", labels) == 0
+    assert reg.get_sample_value("buildkit_cache_measurement_last_success_timestamp_seconds", labels) == 1000.0
+    assert reg.get_sample_value("buildkit_cache_measurement_last_success_timestamp_seconds",
+                                {**labels, "measurement": "filesystem"}) == 2000.0
+
+
+async def test_no_budget_no_budget_series_and_idle_windows_are_labelled_like_durations():
+    cfg = parse_config({"exporter": {"idle_windows": ["90m", "7d"]}})
+    _, reg = await collect([RecordedBuilder("kamal")], cfg)
+    assert reg.get_sample_value("buildkit_cache_budget_bytes", {"host": "h1", "builder": "kamal"}) is None
+    for w in ("90m", "7d"):
+        assert reg.get_sample_value("buildkit_cache_idle_bytes", {"host": "h1", "builder": "kamal", "idle_for": w}) is not None
+
+
+def test_store_keeps_results_of_builders_still_there_and_drops_those_gone():
+    store = Store()
+    a, b = RecordedBuilder("a"), RecordedBuilder("b")
+    store.set_host_builders("h1", [a, b])
+    from exporter.store import Result
+    store.set_result(a.ref.key, "records", Result(True, 0.1, value=1, last_success_timestamp=1.0))
+    a2 = RecordedBuilder("a")
+    added, gone = store.set_host_builders("h1", [a2])
+    assert added == [] and [r.name for r in gone] == ["b"]
+    assert store.builders[a.ref.key].results["records"].value == 1
+    assert store.builders[a.ref.key].builder is a2
+    # A builder reached differently (say its container was recreated under another volume) starts afresh.
+    a3 = RecordedBuilder("a")
+    a3.ref = dataclasses.replace(a3.ref, volume="other")
+    added, _ = store.set_host_builders("h1", [a3])
+    assert added == [a3] and store.builders[a.ref.key].results == {}

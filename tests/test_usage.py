@@ -1,0 +1,67 @@
+"""The state partition and idle windows the exporter exports."""
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from buildkit_cache import parse
+from buildkit_cache.models import RECORD_TYPES, STATES, CacheRecord
+from buildkit_cache.usage import summarize
+
+F = Path(__file__).parent / "fixtures"
+NOW = datetime(2026, 11, 22, 16, 0, tzinfo=UTC)
+
+
+def rec(id, size, rtype="regular", in_use=False, shared=False, idle=timedelta(0), last_used=True):
+    t = NOW - idle
+    return CacheRecord(id=id, record_type=rtype, size=size, in_use=in_use, shared=shared,
+                       created_at=t, last_used_at=t if last_used else None)
+
+
+def test_states_partition_the_total_and_every_type_and_state_has_a_series():
+    records = parse.parse_engine_build_cache(json.loads((F / "docker-engine-20.10/system-df.json").read_text()))
+    s = summarize(records, NOW)
+    for t in RECORD_TYPES:
+        for st in STATES:
+            assert (t, st) in s.by_type_state
+    assert sum(size for _, size in s.by_type_state.values()) == s.total_bytes == sum(r.size for r in records)
+    assert sum(n for n, _ in s.by_type_state.values()) == s.total_records == 7
+    # Three regular records are shared with images in this recording; none in use.
+    assert s.by_type_state[("regular", "shared")] == (3, 5242880 + 3000000 + 0)
+    assert s.by_type_state[("exec.cachemount", "reclaimable")] == (1, 20971520)
+    assert s.by_type_state[("internal", "in_use")] == (0, 0)
+
+
+def test_in_use_wins_over_shared():
+    s = summarize([rec("a", 5, in_use=True, shared=True), rec("b", 7, shared=True)], NOW)
+    assert s.by_type_state[("regular", "in_use")] == (1, 5)
+    assert s.by_type_state[("regular", "shared")] == (1, 7)
+
+
+def test_an_unknown_record_type_is_kept_not_dropped():
+    s = summarize([rec("a", 3, rtype="source.image")], NOW)
+    assert s.by_type_state[("source.image", "reclaimable")] == (1, 3)
+    assert s.total_bytes == 3
+
+
+def test_idle_windows_count_what_a_prune_with_until_would_free():
+    hour, day = 3600.0, 86400.0
+    records = [
+        rec("old", 100, idle=timedelta(days=3)),
+        rec("hours", 10, idle=timedelta(hours=2)),
+        rec("fresh", 1, idle=timedelta(minutes=5)),
+        rec("old-in-use", 1000, in_use=True, idle=timedelta(days=3)),
+        rec("old-shared", 2000, shared=True, idle=timedelta(days=3)),
+        rec("old-internal", 4000, rtype="internal", idle=timedelta(days=3)),
+        rec("never-used", 20, idle=timedelta(days=2), last_used=False),  # falls back to created_at
+    ]
+    s = summarize(records, NOW, idle_windows=[hour, day, 7 * day])
+    assert s.idle_bytes == {hour: 130, day: 120, 7 * day: 0}
+
+
+def test_recorded_buildctl_cache_is_idle_after_an_hour_not_after_a_day():
+    records = parse.parse_buildctl_du_json((F / "buildctl/du.json").read_text())
+    total = sum(r.size for r in records)
+    later = datetime(2026, 11, 22, 17, 0, tzinfo=UTC)  # 1h20m after the last use
+    s = summarize(records, later, idle_windows=[3600.0, 86400.0])
+    assert s.idle_bytes == {3600.0: total, 86400.0: 0}
