@@ -209,7 +209,8 @@ def _docker_hosts(top: Section) -> list[DockerHostConfig]:
             DockerHostConfig(
                 url=url,
                 name=s.get("name", as_str, host_label(url)),
-                host_root=s.get("host_root", as_str, "/" if _is_local(url) else None),
+                # "" says "not visible here": measure inside builder containers instead.
+                host_root=s.get("host_root", as_str, "/" if _is_local(url) else None) or None,
                 timeout=s.get("timeout", as_positive_duration, 30.0),
                 tls=tls,
             )
