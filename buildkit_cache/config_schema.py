@@ -40,6 +40,7 @@ class Section:
         return ConfigError(f"{self.source}: {self.where(key)}: {message}")
 
     def has(self, key: str) -> bool:
+        self.seen.add(key)  # an optional key is still an allowed one
         return key in self.data
 
     def get(self, key: str, convert: Callable[[Any], T], default: Any = _MISSING, what: str = "") -> T:
