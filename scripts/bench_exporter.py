@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,7 +84,7 @@ class Quiet(Builder):
 
 
 def bench_scrape(builders: int) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     recs = [CacheRecord(id=str(i), record_type=("regular", "source.local", "exec.cachemount")[i % 3], size=i * 1000,
                         in_use=i % 17 == 0, shared=i % 5 == 0, last_used_at=now - timedelta(hours=i % 500))
             for i in range(1000)]
@@ -103,7 +103,7 @@ def bench_scrape(builders: int) -> None:
 
 
 def bench_summary(records: int) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     recs = [CacheRecord(id=f"{i:025d}", record_type=("regular", "source.local", "exec.cachemount")[i % 3], size=i,
                         in_use=False, shared=i % 4 == 0, last_used_at=now - timedelta(minutes=i))
             for i in range(records)]
