@@ -14,11 +14,12 @@ from typing import Protocol
 from . import parse
 from .docker_api import DockerHost
 from .errors import CommandFailed, Unavailable
-from .models import CacheRecord, WorkerInfo
+from .models import CacheRecord, PruneRequest, PruneResult, WorkerInfo
+from .prune_args import buildctl_prune_args, prune_result_from_records
 
 
 class Runner(Protocol):
-    def __call__(self, args: Sequence[str]) -> str:
+    def __call__(self, args: Sequence[str], timeout: float | None = None) -> str:
         """Run `buildctl <args>` and return its standard output; raise BuilderError on failure."""
 
 
@@ -29,8 +30,8 @@ class ContainerBuildctl:
         self.host = host
         self.container = container
 
-    def __call__(self, args: Sequence[str]) -> str:
-        return self.host.exec_checked(self.container, ["buildctl", *args])
+    def __call__(self, args: Sequence[str], timeout: float | None = None) -> str:
+        return self.host.exec_checked(self.container, ["buildctl", *args], timeout)
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,16 @@ class LocalBuildctl:
                     argv += [flag, value]
         return argv + list(args)
 
-    def __call__(self, args: Sequence[str]) -> str:
+    def __call__(self, args: Sequence[str], timeout: float | None = None) -> str:
+        timeout = timeout or self.timeout
         if shutil.which(self.binary) is None:
             raise Unavailable(f"buildctl not found (looked for {self.binary!r} on PATH); "
                               "install it to reach remote builders")
         argv = self.argv(args)
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, check=False)
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
-            raise Unavailable(f"buildctl at {self.address} did not answer within {self.timeout:g}s") from exc
+            raise Unavailable(f"buildctl at {self.address} did not answer within {timeout:g}s") from exc
         if done.returncode != 0:
             err = CommandFailed(argv, done.returncode, done.stderr)
             if "connection refused" in done.stderr or "no such host" in done.stderr:
@@ -89,6 +91,7 @@ class BuildctlClient:
         self.run = run
         self._json_du = True
         self._json_workers = True
+        self._json_prune = True
 
     def du(self) -> list[CacheRecord]:
         if self._json_du:
@@ -109,3 +112,16 @@ class BuildctlClient:
                     raise
                 self._json_workers = False
         return parse.parse_debug_workers_verbose(self.run(["debug", "workers", "--verbose"]))
+
+    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+        args = buildctl_prune_args(req)
+        if self._json_prune:
+            try:
+                out = self.run([*args, "--format", "json"], timeout)
+                return prune_result_from_records(parse.parse_buildctl_prune_json(out))
+            except CommandFailed as exc:
+                if not _unknown_flag(exc):
+                    raise
+                self._json_prune = False
+        ids, total = parse.parse_buildctl_prune_table(self.run(args, timeout))
+        return PruneResult(records_deleted=len(ids), bytes_reclaimed=total, deleted_ids=tuple(ids))

@@ -17,9 +17,12 @@ from .models import (
     BuilderRef,
     CacheRecord,
     FilesystemUsage,
+    PruneRequest,
+    PruneResult,
     TreeUsage,
     WorkerInfo,
 )
+from .prune_args import engine_prune_params, parse_engine_prune_result
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ class Builder:
     """A builder and the measurements it supports. Subclasses do the I/O; all of it is blocking."""
 
     measurements: tuple[str, ...] = ()
+    # dockerd's embedded BuildKit keeps cache mounts out of a prune without `all` (see prune_plan).
+    holds_cache_mounts = False
 
     def __init__(self, ref: BuilderRef):
         self.ref = ref
@@ -61,6 +66,10 @@ class Builder:
     def filesystem(self) -> FilesystemUsage:
         raise BuilderError(f"{self.ref}: the filesystem under this builder's state is not visible")
 
+    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+        """Run the prune on the builder itself; blocks until BuildKit answers or `timeout`."""
+        raise BuilderError(f"{self.ref}: this builder cannot be pruned")
+
     def measure(self, measurement: str) -> Any:
         return {
             RECORDS: self.records,
@@ -72,6 +81,8 @@ class Builder:
 
 class EngineBuilder(Builder):
     """BuildKit embedded in dockerd (the docker driver): the Engine API's `/system/df`."""
+
+    holds_cache_mounts = True
 
     def __init__(self, ref: BuilderRef, host: DockerHost, root_dir: str):
         super().__init__(ref)
@@ -93,6 +104,10 @@ class EngineBuilder(Builder):
             raise Unavailable(f"{self.ref}: {self.root_dir} is not visible to this process "
                               f"(host_root={self.host.host_root!r})")
         return fs.statvfs_usage(path)
+
+    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+        params = engine_prune_params(req, self.host.api_version)
+        return parse_engine_prune_result(self.host.build_prune(params, timeout))
 
 
 class ContainerBuilder(Builder):
@@ -131,6 +146,9 @@ class ContainerBuilder(Builder):
             return self._client().workers()
         except parse.ParseError as exc:
             raise BuilderError(f"{self.ref}: {exc}") from exc
+
+    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+        return self._client().prune(req, timeout)
 
     def state_usage(self) -> TreeUsage:
         local = self.host.visible_path(self.mountpoint)
@@ -181,6 +199,9 @@ class RemoteBuilder(Builder):
             return self.client.workers()
         except parse.ParseError as exc:
             raise BuilderError(f"{self.ref}: {exc}") from exc
+
+    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+        return self.client.prune(req, timeout)
 
 
 def builder_name_for_node(node: str) -> str:

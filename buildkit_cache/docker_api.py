@@ -15,6 +15,7 @@ import docker
 import docker.errors
 import docker.tls
 import requests.exceptions
+from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
 
 from .errors import BuilderError, CommandFailed, Unavailable
 
@@ -164,11 +165,14 @@ class DockerHost:
 
         return self._call("GET /system/df", call)
 
-    def build_prune(self, params: Mapping[str, str]) -> Mapping[str, Any]:
-        """`POST /build/prune` with query parameters already in the engine's API shape."""
+    def build_prune(self, params: Mapping[str, str], timeout: float) -> Mapping[str, Any]:
+        """`POST /build/prune` with query parameters already in the engine's API shape.
+
+        The engine answers only when the prune is done, so it gets its own, longer timeout.
+        """
 
         def call(c: docker.APIClient) -> Mapping[str, Any]:
-            res = c._post(c._url("/build/prune"), params=dict(params))
+            res = c._post(c._url("/build/prune"), params=dict(params), timeout=timeout)
             return c._result(res, True)
 
         return self._call("POST /build/prune", call)
@@ -188,12 +192,24 @@ class DockerHost:
         found = self._call("GET /volumes", lambda c: c.volumes(filters={"name": name_prefix}))
         return [v for v in (found.get("Volumes") or ()) if v.get("Name", "").startswith(name_prefix)]
 
-    def exec(self, container: str, argv: Sequence[str]) -> ExecResult:
-        """Run `argv` (no shell) in a running container and collect its output and exit code."""
+    def exec(self, container: str, argv: Sequence[str], timeout: float | None = None) -> ExecResult:
+        """Run `argv` (no shell) in a running container and collect its output and exit code.
+
+        `timeout` bounds each wait for output (default: the host's timeout); a prune that works
+        for minutes before printing needs a longer one than an API call.
+        """
 
         def call(c: docker.APIClient) -> ExecResult:
             created = c.exec_create(container, list(argv), stdout=True, stderr=True)
-            out, err = c.exec_start(created["Id"], demux=True)
+            sock = c.exec_start(created["Id"], socket=True)
+            try:
+                for s in (sock, getattr(sock, "_sock", None)):
+                    if s is not None and hasattr(s, "settimeout"):
+                        s.settimeout(timeout or self.timeout)
+                frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))
+                out, err = consume_socket_output(frames, demux=True)
+            finally:
+                sock.close()
             code = c.exec_inspect(created["Id"]).get("ExitCode")
             return ExecResult(
                 exit_code=-1 if code is None else int(code),
@@ -204,8 +220,8 @@ class DockerHost:
         # 404: the container is gone; 409: it is stopped or paused. Both: the builder is unavailable.
         return self._call(f"exec in {container}", call, client_error=Unavailable)
 
-    def exec_checked(self, container: str, argv: Sequence[str]) -> str:
-        result = self.exec(container, argv)
+    def exec_checked(self, container: str, argv: Sequence[str], timeout: float | None = None) -> str:
+        result = self.exec(container, argv, timeout)
         if result.exit_code != 0:
             raise CommandFailed(list(argv), result.exit_code, result.stderr or result.stdout)
         return result.stdout

@@ -8,11 +8,12 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from .errors import BuilderError
 from .models import CacheRecord, FilesystemUsage, GCRule, WorkerInfo
 from .units import parse_go_duration, parse_human_size
 
 
-class ParseError(ValueError):
+class ParseError(BuilderError, ValueError):
     """Output that does not have the shape we know."""
 
 
