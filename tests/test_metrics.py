@@ -8,55 +8,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from buildkit_cache import parse
-from buildkit_cache.builders import Builder
 from buildkit_cache.config import parse_config
-from buildkit_cache.errors import Unavailable
-from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, TreeUsage
 from exporter.metrics import CacheCollector
 from exporter.scheduler import Scheduler
 from exporter.store import Store
+from tests.support.recorded import RecordedBuilder, StaticInventory
 
 F = Path(__file__).parent / "fixtures" / "buildctl"
 
 
-class RecordedBuilder(Builder):
-    """A builder whose BuildKit answers with recorded real outputs; any measurement can be broken."""
-
-    measurements = ("records", "gc_policy", "state_volume", "filesystem")
-
-    def __init__(self, name, broken=(), hang=None):
-        super().__init__(BuilderRef("h1", name, DRIVER_CONTAINER, container=f"buildx_buildkit_{name}0",
-                                    volume=f"buildx_buildkit_{name}0_state"))
-        self.broken = set(broken)
-        self.hang = hang
-
-    def _check(self, m):
-        if self.hang is not None and m in self.broken:
-            self.hang.wait(5)
-        if m in self.broken:
-            raise Unavailable(f"{self.ref}: container is not running")
-
-    def records(self):
-        self._check("records")
-        return parse.parse_buildctl_du_json((F / "du.json").read_text())
-
-    def workers(self):
-        self._check("gc_policy")
-        return parse.parse_debug_workers_json((F / "debug-workers-gc.json").read_text())
-
-    def state_usage(self):
-        self._check("state_volume")
-        return TreeUsage(bytes=parse.parse_du_sk((F / "du-sk.txt").read_text()), files=1234)
-
-    def filesystem(self):
-        self._check("filesystem")
-        return parse.parse_df((F / "df-k.txt").read_text(), (F / "df-i.txt").read_text())
-
-
-class Inv:
-    def __init__(self, builders):
-        self.hosts = {}
-        self.remotes = builders
+def Inv(builders):
+    return StaticInventory(builders)
 
 
 def scrape(store, cfg):

@@ -1,0 +1,114 @@
+"""`buildkit-cache-actuator`: command line, logging and the HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import yaml
+from aiohttp import web
+
+from buildkit_cache import __version__
+from buildkit_cache.config import ConfigError, as_dict, load
+from buildkit_cache.config_schema import as_listen
+from buildkit_cache.inventory import Inventory
+
+from .app import make_app
+from .audit import AuditLog
+from .auth import AuthSetupError, load_credentials, server_ssl_context
+from .metrics import ActuatorMetrics
+from .runner import PruneRunner
+
+log = logging.getLogger("actuator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="buildkit-cache-actuator",
+        description="Alertmanager webhook that prunes BuildKit build caches: it runs the action an alert names "
+                    "(buildkit_action label: prune-to-budget, prune-idle, prune-all, or one of your own) on the "
+                    "builder its host and builder labels name, once per incident, one prune at a time per builder.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config file shared with the exporter")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve on (default: actuator.listen, 127.0.0.1:9863)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="log and audit what each prune would remove, prune nothing (also actuator.dry_run)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="accept alerts without authentication (only for a loopback-only test setup)")
+    p.add_argument("--check-config", action="store_true", help="validate the config, print the effective config and exit")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Audit lines are JSON, one per line, with nothing around them.
+    audit = logging.getLogger("actuator.audit")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    audit.addHandler(handler)
+    audit.propagate = False
+    audit.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    prog = "buildkit-cache-actuator"
+    try:
+        cfg = load(args.config)
+        host, port = as_listen(args.listen) if args.listen else cfg.actuator.listen
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"{prog}: --listen: {exc}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        sys.stdout.write(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        return 0
+    try:
+        credentials = load_credentials(cfg.actuator.auth)
+        ssl_context = server_ssl_context(cfg.actuator.tls) if cfg.actuator.tls else None
+        audit = AuditLog(cfg.actuator.audit_log)
+    except AuthSetupError as exc:
+        print(f"{prog}: {cfg.source}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: {cfg.source}: actuator.audit_log: cannot write {cfg.actuator.audit_log}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    if not credentials.enabled and not args.insecure_no_auth:
+        print(f"{prog}: refusing to start without authentication: set actuator.auth.bearer_token_file or "
+              "actuator.auth.basic_auth, or pass --insecure-no-auth", file=sys.stderr)
+        return 2
+    dry_run = args.dry_run or cfg.actuator.dry_run
+    try:
+        asyncio.run(_serve(cfg, host, port, credentials, audit, dry_run, ssl_context))
+    except OSError as exc:
+        print(f"{prog}: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(cfg, host, port, credentials, audit, dry_run, ssl_context) -> None:
+    metrics = ActuatorMetrics(list(cfg.actuator.actions))
+    runner = PruneRunner(cfg, Inventory(cfg), metrics, audit, dry_run=dry_run)
+    app = make_app(cfg, runner, credentials, metrics, audit)
+    web_runner = web.AppRunner(app, access_log=None)
+    await web_runner.setup()
+    await web.TCPSite(web_runner, host, port, ssl_context=ssl_context).start()
+    log.info("listening on %s://%s:%d%s; actions: %s; cooldown %gs%s", "https" if ssl_context else "http", host, port,
+             "" if credentials.enabled else " WITHOUT AUTHENTICATION", ", ".join(sorted(cfg.actuator.actions)),
+             cfg.actuator.cooldown, "; DRY-RUN: nothing will be pruned" if dry_run else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: waiting for running prunes")
+    await web_runner.cleanup()

@@ -1,0 +1,33 @@
+"""The actuator's own metrics, in a private registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .decide import DECISIONS
+
+P = "buildkit_cache_actuator_"
+RESULTS = ("success", "failure", "timeout", "dry_run")
+
+
+class ActuatorMetrics:
+    def __init__(self, action_names: list[str]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.notifications = Counter(P + "notifications", "Webhook requests by HTTP status code.", ["code"], registry=r)
+        self.alerts = Counter(P + "alerts", "Alerts received, by action and decision.", ["action", "decision"], registry=r)
+        self.prunes = Counter(P + "prunes", "Prunes run, by builder, action and result.",
+                              ["host", "builder", "action", "result"], registry=r)
+        self.reclaimed = Counter(P + "reclaimed_bytes", "Bytes freed by prunes, as BuildKit reported them.",
+                                 ["host", "builder", "action"], registry=r)
+        self.duration = Histogram(P + "prune_duration_seconds", "How long prunes took.", ["action"], registry=r,
+                                  buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.in_progress = Gauge(P + "prunes_in_progress", "Prunes running now.", registry=r)
+        self.last_prune = Gauge(P + "last_prune_timestamp_seconds", "When the last successful prune ended.",
+                                ["host", "builder", "action"], registry=r)
+        # Known series start at zero, so rate() and alerts see them from the first scrape.
+        for code in ("200", "400", "401", "413", "503"):
+            self.notifications.labels(code)
+        for a in [*action_names, "unknown"]:
+            for d in DECISIONS:
+                self.alerts.labels(a, d)

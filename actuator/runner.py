@@ -1,0 +1,188 @@
+"""Runs accepted prunes in the background: once per incident, one at a time per builder.
+
+`submit` is synchronous and runs on the event loop, so the cooldown check and the claim that
+follows it cannot interleave: of 50 copies of a notification arriving together, one is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any
+
+from buildkit_cache.builders import Builder
+from buildkit_cache.config import Config
+from buildkit_cache.errors import BuilderError
+from buildkit_cache.inventory import Inventory
+from buildkit_cache.prune_plan import plan_prune
+from buildkit_cache.units import format_bytes
+
+from . import decide as D
+from .audit import AuditLog
+from .metrics import ActuatorMetrics
+
+log = logging.getLogger("actuator")
+
+LOOKUP_TIMEOUT = 60.0
+
+
+class PruneRunner:
+    def __init__(self, cfg: Config, inventory: Inventory, metrics: ActuatorMetrics, audit: AuditLog, *,
+                 dry_run: bool, clock: Callable[[], float] = time.time, max_pending: int = 64):
+        self.cfg = cfg
+        self.inventory = inventory
+        self.metrics = metrics
+        self.audit = audit
+        self.dry_run = dry_run
+        self.clock = clock
+        self.max_pending = max_pending
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="prune")
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.last_started: dict[tuple[str, str, str], float] = {}
+        self.active: set[tuple[str, str, str]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
+
+    def can_accept(self) -> bool:
+        return self.accepting and len(self.tasks) < self.max_pending
+
+    def submit(self, d: D.Decision) -> D.Decision:
+        """Claim an accepted decision and start it, or turn it into a cooldown/duplicate skip."""
+        assert d.accepted and d.action is not None
+        key = (d.host, d.builder, d.action.name)
+        if key in self.active:
+            return replace(d, decision=D.BUSY, reason="the same prune is already queued or running")
+        last = self.last_started.get(key)
+        if D.in_cooldown(last, self.clock(), self.cfg.actuator.cooldown):
+            assert last is not None
+            left = self.cfg.actuator.cooldown - (self.clock() - last)
+            return replace(d, decision=D.COOLDOWN,
+                           reason=f"{d.action.name} ran on {d.host}/{d.builder} {self.clock() - last:.0f}s ago; "
+                                  f"cooldown ends in {left:.0f}s")
+        self.last_started[key] = self.clock()
+        self.active.add(key)
+        task = asyncio.get_running_loop().create_task(self._run(d), name=f"prune {d.host}/{d.builder}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return d
+
+    async def _run(self, d: D.Decision) -> None:
+        assert d.action is not None
+        key = (d.host, d.builder, d.action.name)
+        ok = False
+        try:
+            lock = self.locks.setdefault((d.host, d.builder), asyncio.Lock())
+            async with lock:
+                ok = await self._handle(d)
+        except Exception:  # noqa: BLE001 - a bug must not kill the service or leave a claim behind
+            log.exception("prune of %s/%s failed unexpectedly", d.host, d.builder)
+        finally:
+            self.active.discard(key)
+            if not ok:
+                # Nothing was pruned: the next notification may try again at once.
+                self.last_started.pop(key, None)
+
+    async def _thread(self, fn: Callable[[], Any], timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self.executor, fn), timeout)
+
+    async def _handle(self, d: D.Decision) -> bool:
+        assert d.action is not None and d.request is not None
+        action = d.action.name
+        common = {"host": d.host, "builder": d.builder, "action": action, "fingerprint": d.fingerprint}
+        try:
+            builder: Builder | None = await self._thread(lambda: self.inventory.find(d.host, d.builder), LOOKUP_TIMEOUT)
+        except (BuilderError, TimeoutError) as exc:
+            self.metrics.alerts.labels(action, D.ACCEPTED).inc()
+            self.audit.record("failed", **common, reason=f"cannot look the builder up: {exc or 'timed out'}")
+            self.metrics.prunes.labels(d.host, d.builder, action, "failure").inc()
+            return False
+        if builder is None:
+            self.metrics.alerts.labels(action, D.UNKNOWN_BUILDER).inc()
+            self.audit.record("skipped", **common, decision=D.UNKNOWN_BUILDER,
+                              reason=f"no builder {d.builder[:64]!r} on host {d.host[:64]!r}")
+            return False
+        self.metrics.alerts.labels(action, D.ACCEPTED).inc()
+        request = {"keep_storage": d.request.keep_storage or None, "all": d.request.all or None,
+                   "keep_duration_seconds": d.request.keep_duration_seconds or None}
+        if self.dry_run:
+            return await self._dry_run(d, builder, common, request)
+        return await self._prune(d, builder, common, request)
+
+    async def _cache_bytes(self, builder: Builder) -> int | None:
+        try:
+            records = await self._thread(builder.records, LOOKUP_TIMEOUT)
+        except (BuilderError, TimeoutError):
+            return None
+        return sum(r.size for r in records)
+
+    async def _dry_run(self, d: D.Decision, builder: Builder, common: dict, request: dict) -> bool:
+        assert d.request is not None
+        try:
+            records = await self._thread(builder.records, LOOKUP_TIMEOUT)
+        except (BuilderError, TimeoutError) as exc:
+            self.audit.record("failed", **common, dry_run=True, reason=f"cannot read the records: {exc or 'timed out'}")
+            self.metrics.prunes.labels(d.host, d.builder, common["action"], "failure").inc()
+            return False
+        plan = plan_prune(records, d.request, datetime.now(UTC), builder.holds_cache_mounts)
+        size = sum(r.size for r in plan)
+        log.warning("DRY-RUN would prune %d records, %s, on %s/%s (%s): %s", len(plan), format_bytes(size),
+                    d.host, d.builder, common["action"], ", ".join(r.id[:12] for r in plan[:20]) or "nothing")
+        self.audit.record("dry_run", **common, request=request, records=len(plan), bytes=size,
+                          cache_bytes=sum(r.size for r in records), record_ids=[r.id for r in plan[:100]])
+        self.metrics.prunes.labels(d.host, d.builder, common["action"], "dry_run").inc()
+        return True
+
+    async def _prune(self, d: D.Decision, builder: Builder, common: dict, request: dict) -> bool:
+        assert d.request is not None
+        action = common["action"]
+        timeout = self.cfg.actuator.prune_timeout
+        before = await self._cache_bytes(builder)
+        self.audit.record("started", **common, request=request, cache_bytes=before)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.metrics.in_progress.inc()
+        try:
+            fut = loop.run_in_executor(self.executor, builder.prune, d.request, timeout)
+            done, _ = await asyncio.wait({fut}, timeout=timeout)
+            if not done:
+                self.audit.record("failed", **common, reason=f"the prune did not finish within {timeout:g}s")
+                self.metrics.prunes.labels(d.host, d.builder, action, "timeout").inc()
+                # Keep the builder's lock until BuildKit is really done: never two prunes at once.
+                await asyncio.wait({fut})
+                return False
+            try:
+                result = fut.result()
+            except BuilderError as exc:
+                self.audit.record("failed", **common, reason=str(exc))
+                self.metrics.prunes.labels(d.host, d.builder, action, "failure").inc()
+                return False
+        finally:
+            self.metrics.in_progress.dec()
+            self.metrics.duration.labels(action).observe(time.monotonic() - started)
+        # BuildKit releases files slightly after a prune returns: measure again after a pause.
+        await asyncio.sleep(self.cfg.actuator.settle_delay)
+        after = await self._cache_bytes(builder)
+        freed = before - after if before is not None and after is not None else None
+        self.audit.record("pruned", **common, request=request, records=result.records_deleted,
+                          reclaimed_bytes=result.bytes_reclaimed, cache_bytes_before=before,
+                          cache_bytes_after=after, freed_bytes=freed,
+                          duration_seconds=round(time.monotonic() - started, 3))
+        self.metrics.prunes.labels(d.host, d.builder, action, "success").inc()
+        self.metrics.reclaimed.labels(d.host, d.builder, action).inc(result.bytes_reclaimed)
+        self.metrics.last_prune.labels(d.host, d.builder, action).set(self.clock())
+        return True
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let running prunes finish for up to `timeout`, then stop."""
+        self.accepting = False
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+        for t in list(self.tasks):
+            t.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)

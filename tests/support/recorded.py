@@ -1,0 +1,84 @@
+"""A builder whose BuildKit answers with outputs recorded from a real one.
+
+For unit tests of the exporter's and actuator's own logic (scheduling, failure isolation, HTTP,
+cooldowns). Everything BuildKit itself decides is tested against the real dockerd elsewhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from buildkit_cache import parse
+from buildkit_cache.builders import Builder
+from buildkit_cache.errors import Unavailable
+from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, PruneRequest, PruneResult, TreeUsage
+from buildkit_cache.prune_args import prune_result_from_records
+
+F = Path(__file__).resolve().parent.parent / "fixtures" / "buildctl"
+
+
+class RecordedBuilder(Builder):
+    measurements = ("records", "gc_policy", "state_volume", "filesystem")
+
+    def __init__(self, name, host="h1", broken=(), hang=None, prune_seconds=0.0):
+        super().__init__(BuilderRef(host, name, DRIVER_CONTAINER, container=f"buildx_buildkit_{name}0",
+                                    volume=f"buildx_buildkit_{name}0_state"))
+        self.broken = set(broken)
+        self.hang = hang
+        self.prune_seconds = prune_seconds
+        self.prunes: list[PruneRequest] = []
+        self.running = 0
+        self.max_running = 0
+        self._lock = threading.Lock()
+
+    def _check(self, m):
+        if self.hang is not None and m in self.broken:
+            self.hang.wait(5)
+        if m in self.broken:
+            raise Unavailable(f"{self.ref}: container is not running")
+
+    def records(self):
+        self._check("records")
+        return parse.parse_buildctl_du_json((F / "du.json").read_text())
+
+    def workers(self):
+        self._check("gc_policy")
+        return parse.parse_debug_workers_json((F / "debug-workers-gc.json").read_text())
+
+    def state_usage(self):
+        self._check("state_volume")
+        return TreeUsage(bytes=parse.parse_du_sk((F / "du-sk.txt").read_text()), files=1234)
+
+    def filesystem(self):
+        self._check("filesystem")
+        return parse.parse_df((F / "df-k.txt").read_text(), (F / "df-i.txt").read_text())
+
+    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+        with self._lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            time.sleep(self.prune_seconds)
+            self._check("prune")
+            self.prunes.append(req)
+            return prune_result_from_records(
+                parse.parse_buildctl_prune_json((F / "prune-keep-storage-20MB.json").read_text()))
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+class StaticInventory:
+    """An inventory of fixed builders (the real one discovers them on Docker hosts)."""
+
+    def __init__(self, builders):
+        self.hosts = {}
+        self.remotes = list(builders)
+
+    def find(self, host, builder):
+        return next((b for b in self.remotes if b.ref.key == (host, builder)), None)
+
+
+__all__ = ["RecordedBuilder", "StaticInventory", "threading"]

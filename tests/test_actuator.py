@@ -1,0 +1,341 @@
+"""The actuator's decisions and HTTP outcomes (aiohttp test client; builders answer from recordings)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import pytest
+
+from actuator import decide as D
+from actuator.app import make_app
+from actuator.audit import AuditLog
+from actuator.auth import Credentials
+from actuator.metrics import ActuatorMetrics
+from actuator.payload import PayloadError, parse_notification
+from actuator.runner import PruneRunner
+from buildkit_cache.config import parse_config
+from buildkit_cache.models import PruneRequest
+from tests.support.recorded import RecordedBuilder, StaticInventory
+
+TOKEN = b"s3cret-token"
+
+
+def alert(action="prune-to-budget", host="h1", builder="kamal", status="firing", fp="fp1", **extra):
+    labels = {"alertname": "BuildKitCacheOverBudget", "host": host, "builder": builder, **extra}
+    if action is not None:
+        labels["buildkit_action"] = action
+    return {"status": status, "labels": labels, "annotations": {"summary": "x"}, "startsAt": "2026-11-22T10:00:00Z",
+            "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "http://prom", "fingerprint": fp}
+
+
+def notification(*alerts, status="firing"):
+    return {"version": "4", "groupKey": '{}:{host="h1"}', "truncatedAlerts": 0, "status": status,
+            "receiver": "buildkit-actuator", "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+            "externalURL": "http://am", "alerts": list(alerts), "notification_reason": "new field, ignored"}
+
+
+CFG = {
+    "builders": {"kamal": {"budget": "20MB"}, "nobudget": {}, "limited": {"budget": "1GB", "actions": ["prune-idle"]}},
+    "actuator": {"cooldown": "1h", "settle_delay": "0s", "prune_timeout": "2s",
+                 "actions": {"nightly": {"kind": "prune-idle", "idle_for": "1d"}}},
+}
+
+
+class Harness:
+    def __init__(self, aiohttp_client, tmp_path):
+        self.aiohttp_client = aiohttp_client
+        self.tmp_path = tmp_path
+        self.builders = {n: RecordedBuilder(n) for n in ("kamal", "nobudget", "limited")}
+
+    async def start(self, cfg=CFG, dry_run=False, credentials=None, **runner_kw):
+        credentials = credentials or Credentials(bearer_token=TOKEN)
+        self.cfg = parse_config(cfg)
+        self.metrics = ActuatorMetrics(list(self.cfg.actuator.actions))
+        self.audit_path = self.tmp_path / "audit.jsonl"
+        self.audit = AuditLog(str(self.audit_path))
+        self.runner = PruneRunner(self.cfg, StaticInventory(self.builders.values()), self.metrics, self.audit,
+                                  dry_run=dry_run, **runner_kw)
+        self.client = await self.aiohttp_client(make_app(self.cfg, self.runner, credentials, self.metrics, self.audit))
+        return self
+
+    async def post(self, body, token=TOKEN, raw=None, headers=None):
+        h = {"Authorization": f"Bearer {token.decode()}"} if token else {}
+        h.update(headers or {})
+        data = raw if raw is not None else json.dumps(body)
+        return await self.client.post("/alerts", data=data, headers=h)
+
+    async def settle(self):
+        while self.runner.tasks:
+            await asyncio.wait(set(self.runner.tasks))
+
+    def audit_lines(self):
+        return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
+
+    def metric(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest.fixture
+def harness(aiohttp_client, tmp_path):
+    return Harness(aiohttp_client, tmp_path)
+
+
+# -- payload ----------------------------------------------------------------------------------------
+
+
+def test_payload_parses_and_ignores_unknown_fields():
+    n = parse_notification(notification(alert(), alert(status="resolved", fp="fp2")))
+    assert n.status == "firing" and n.receiver == "buildkit-actuator"
+    assert [a.fingerprint for a in n.firing()] == ["fp1"]
+    assert n.alerts[0].labels["buildkit_action"] == "prune-to-budget"
+
+
+@pytest.mark.parametrize("body,message", [
+    ([], "expected a JSON object"),
+    ({"version": "3", "status": "firing", "alerts": []}, 'version: expected "4"'),
+    ({"status": "burning", "alerts": []}, "status: expected firing or resolved"),
+    ({"status": "firing"}, "alerts: expected a list"),
+    ({"status": "firing", "alerts": [{"status": "firing", "labels": {"a": 1}}]}, r"alerts\[0\].labels: expected string"),
+    ({"status": "firing", "alerts": ["x"]}, r"alerts\[0\]: expected an object"),
+])
+def test_bad_payloads_say_what_is_wrong(body, message):
+    with pytest.raises(PayloadError, match=message):
+        parse_notification(body)
+
+
+# -- decisions --------------------------------------------------------------------------------------
+
+
+def decide(**kw):
+    return D.decide(parse_notification(notification(alert(**kw))).alerts[0], parse_config(CFG))
+
+
+def test_decisions():
+    d = decide()
+    assert d.accepted and d.request == PruneRequest(keep_storage=20_000_000)
+    assert decide(action="prune-idle").request == PruneRequest(keep_duration_seconds=7 * 86400)
+    assert decide(action="nightly").request == PruneRequest(keep_duration_seconds=86400)
+    assert decide(action="prune-all").request == PruneRequest(all=True)
+    assert decide(status="resolved").decision == D.RESOLVED
+    assert decide(action=None).decision == D.NO_ACTION
+    unknown = decide(action="rm -rf /; prune")
+    assert unknown.decision == D.UNKNOWN_ACTION and unknown.action_name == "unknown"
+    assert decide(builder="").decision == D.MISSING_BUILDER
+    assert decide(builder="nobudget").decision == D.NO_BUDGET
+    assert decide(builder="limited").decision == D.NOT_ALLOWED
+    assert decide(builder="limited", action="prune-idle").accepted
+    # A builder the config does not name may still be pruned by actions that need no budget.
+    assert decide(builder="elsewhere", action="prune-idle").accepted
+
+
+def test_cooldown():
+    assert not D.in_cooldown(None, 1000.0, 3600)
+    assert D.in_cooldown(1000.0, 1000.0 + 3599, 3600)
+    assert not D.in_cooldown(1000.0, 1000.0 + 3600, 3600)
+
+
+# -- HTTP -------------------------------------------------------------------------------------------
+
+
+async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
+    h = await harness.start()
+    r = await h.post(notification(alert()))
+    assert r.status == 200
+    body = await r.json()
+    assert body["alerts"] == [{"fingerprint": "fp1", "decision": "accepted", "reason": "accepted"}]
+    await h.settle()
+    assert h.builders["kamal"].prunes == [PruneRequest(keep_storage=20_000_000)]
+    events = [e["event"] for e in h.audit_lines()]
+    assert events == ["received", "started", "pruned"]
+    pruned = h.audit_lines()[-1]
+    assert pruned["reclaimed_bytes"] == 9441280 + 708608 + 2109440 and pruned["records"] == 3
+    assert pruned["cache_bytes_before"] == pruned["cache_bytes_after"]  # the recording does not shrink
+    assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
+                    result="success") == 1
+    assert h.metric("buildkit_cache_actuator_reclaimed_bytes_total", host="h1", builder="kamal",
+                    action="prune-to-budget") == pruned["reclaimed_bytes"]
+    assert h.metric("buildkit_cache_actuator_alerts_total", action="prune-to-budget", decision="accepted") == 1
+    assert h.metric("buildkit_cache_actuator_notifications_total", code="200") == 1
+    assert h.metric("buildkit_cache_actuator_prunes_in_progress") == 0
+    assert h.metric("buildkit_cache_actuator_last_prune_timestamp_seconds", host="h1", builder="kamal",
+                    action="prune-to-budget") > 1.7e9
+
+
+async def test_reply_comes_before_a_slow_prune(harness):
+    harness.builders["kamal"].prune_seconds = 1.5
+    h = await harness.start()
+    t0 = time.monotonic()
+    r = await h.post(notification(alert()))
+    elapsed = time.monotonic() - t0
+    assert r.status == 200 and elapsed < 0.1, elapsed
+    assert h.builders["kamal"].prunes == []
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 1
+
+
+async def test_fifty_concurrent_copies_of_a_notification_prune_once(harness):
+    harness.builders["kamal"].prune_seconds = 0.3
+    h = await harness.start()
+    responses = await asyncio.gather(*(h.post(notification(alert())) for _ in range(50)))
+    assert all(r.status == 200 for r in responses)
+    decisions = [(await r.json())["alerts"][0]["decision"] for r in responses]
+    assert decisions.count("accepted") == 1
+    assert set(decisions) == {"accepted", D.BUSY}
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 1
+    # Once it ran, the same incident stays quiet for the cooldown.
+    r = await h.post(notification(alert()))
+    assert (await r.json())["alerts"][0]["decision"] == D.COOLDOWN
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 1
+    assert h.metric("buildkit_cache_actuator_alerts_total", action="prune-to-budget", decision="cooldown") == 1
+
+
+async def test_never_two_prunes_at_a_time_on_a_builder(harness):
+    harness.builders["kamal"].prune_seconds = 0.3
+    h = await harness.start()
+    await asyncio.gather(h.post(notification(alert())), h.post(notification(alert(action="prune-idle"))),
+                         h.post(notification(alert(action="prune-all"))))
+    await h.settle()
+    b = h.builders["kamal"]
+    assert len(b.prunes) == 3 and b.max_running == 1
+
+
+async def test_a_failed_prune_is_audited_and_may_be_retried_at_once(harness):
+    harness.builders["kamal"].broken.add("prune")
+    h = await harness.start()
+    await h.post(notification(alert()))
+    await h.settle()
+    failed = h.audit_lines()[-1]
+    assert failed["event"] == "failed" and "container is not running" in failed["reason"]
+    assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
+                    result="failure") == 1
+    h.builders["kamal"].broken.discard("prune")
+    r = await h.post(notification(alert()))
+    assert (await r.json())["alerts"][0]["decision"] == "accepted"
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 1
+
+
+async def test_a_prune_past_its_timeout_fails_and_still_blocks_a_second_prune(harness):
+    harness.builders["kamal"].prune_seconds = 2.5  # prune_timeout is 2s
+    h = await harness.start()
+    await h.post(notification(alert()))
+    await asyncio.sleep(0.1)
+    await h.post(notification(alert(action="prune-all")))
+    await h.settle()
+    events = [(e["event"], e.get("action")) for e in h.audit_lines() if e["event"] in ("failed", "pruned")]
+    assert events[0] == ("failed", "prune-to-budget")
+    assert "did not finish within 2s" in [e for e in h.audit_lines() if e["event"] == "failed"][0]["reason"]
+    assert h.builders["kamal"].max_running == 1
+    assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
+                    result="timeout") == 1
+
+
+async def test_resolved_notifications_prune_nothing(harness):
+    h = await harness.start()
+    r = await h.post(notification(alert(status="resolved"), status="resolved"))
+    assert r.status == 200 and (await r.json())["alerts"][0]["decision"] == D.RESOLVED
+    await h.settle()
+    assert h.builders["kamal"].prunes == []
+
+
+async def test_unknown_action_or_builder_is_2xx_logged_counted_and_prunes_nothing(harness):
+    h = await harness.start()
+    r = await h.post(notification(alert(action="$(reboot)")))
+    assert r.status == 200 and (await r.json())["alerts"][0]["decision"] == D.UNKNOWN_ACTION
+    r = await h.post(notification(alert(builder="ghost", action="prune-idle")))
+    assert r.status == 200
+    await h.settle()
+    assert all(b.prunes == [] for b in h.builders.values())
+    assert h.metric("buildkit_cache_actuator_alerts_total", action="unknown", decision=D.UNKNOWN_ACTION) == 1
+    assert h.metric("buildkit_cache_actuator_alerts_total", action="prune-idle", decision=D.UNKNOWN_BUILDER) == 1
+    skipped = [e for e in h.audit_lines() if e["event"] == "skipped"]
+    assert [e["decision"] for e in skipped] == [D.UNKNOWN_ACTION, D.UNKNOWN_BUILDER]
+    assert "no builder 'ghost' on host 'h1'" in skipped[1]["reason"]
+
+
+async def test_bad_credentials_get_401_and_change_nothing(harness):
+    h = await harness.start()
+    for token in (b"wrong", None):
+        r = await h.post(notification(alert()), token=token)
+        assert r.status == 401
+        assert "Bearer" in r.headers["WWW-Authenticate"]
+    r = await h.post(notification(alert()), token=None, headers={"Authorization": "Basic " + base64.b64encode(b"a:b").decode()})
+    assert r.status == 401
+    await h.settle()
+    assert h.builders["kamal"].prunes == []
+    assert h.metric("buildkit_cache_actuator_notifications_total", code="401") == 3
+    assert all(e["event"] == "rejected" for e in h.audit_lines())
+
+
+async def test_basic_auth(harness):
+    h = await harness.start(credentials=Credentials(basic_username=b"am", basic_password=b"pw"))
+    good = {"Authorization": "Basic " + base64.b64encode(b"am:pw").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"am:pW").decode()}
+    assert (await h.post(notification(alert()), token=None, headers=bad)).status == 401
+    assert (await h.post(notification(alert()), token=None, headers={"Authorization": "Basic !!!"})).status == 401
+    assert (await h.post(notification(alert()), token=None, headers=good)).status == 200
+
+
+async def test_bodies_that_are_not_payloads_get_400(harness):
+    h = await harness.start()
+    r = await h.post(None, raw=b"{not json")
+    assert r.status == 400 and "not JSON" in (await r.json())["error"]
+    r = await h.post({"status": "firing", "alerts": "many"})
+    assert r.status == 400 and "alerts: expected a list" in (await r.json())["error"]
+    r = await h.post(None, raw=b"\xff\xfe")
+    assert r.status == 400
+    assert h.metric("buildkit_cache_actuator_notifications_total", code="400") == 3
+
+
+async def test_oversized_bodies_get_413(harness):
+    cfg = {**CFG, "actuator": {**CFG["actuator"], "max_body": "2KiB"}}
+    h = await harness.start(cfg)
+    big = notification(*[alert(fp=f"fp{i}") for i in range(100)])
+    r = await h.post(big)
+    assert r.status == 413
+    assert h.metric("buildkit_cache_actuator_notifications_total", code="413") == 1
+    assert h.builders["kamal"].prunes == []
+
+
+async def test_503_only_when_it_cannot_accept_work(harness):
+    harness.builders["kamal"].prune_seconds = 0.5
+    h = await harness.start(max_pending=1)
+    assert (await h.post(notification(alert()))).status == 200
+    r = await h.post(notification(alert(builder="limited", action="prune-idle")))
+    assert r.status == 503
+    await h.settle()
+    assert (await h.post(notification(alert(builder="limited", action="prune-idle")))).status == 200
+
+
+async def test_dry_run_takes_the_same_path_and_prunes_nothing(harness, caplog):
+    h = await harness.start(dry_run=True)
+    with caplog.at_level("WARNING", logger="actuator"):
+        r = await h.post(notification(alert(builder="kamal")))
+        assert (await r.json())["dry_run"] is True
+        await h.settle()
+    assert h.builders["kamal"].prunes == []
+    entry = h.audit_lines()[-1]
+    assert entry["event"] == "dry_run" and entry["records"] > 0
+    total = sum(r.size for r in h.builders["kamal"].records())
+    assert entry["cache_bytes"] == total
+    # A 20MB budget on the recorded cache: at least the excess goes, never everything.
+    assert total - 20_000_000 <= entry["bytes"] < total
+    assert any("DRY-RUN would prune" in m and "h1/kamal" in m for m in caplog.messages)
+    # The same cooldown applies: a dry run counts as the incident's run.
+    r = await h.post(notification(alert(builder="kamal")))
+    assert (await r.json())["alerts"][0]["decision"] == D.COOLDOWN
+    assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
+                    result="dry_run") == 1
+
+
+async def test_healthz_and_metrics_need_no_credentials(harness):
+    h = await harness.start()
+    assert (await h.client.get("/healthz")).status == 200
+    r = await h.client.get("/metrics")
+    assert r.status == 200
+    assert "buildkit_cache_actuator_notifications_total" in await r.text()
