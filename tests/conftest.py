@@ -87,12 +87,23 @@ def write_build_context(ctx: Path, name: str, data_mb: int, cache_mb: int) -> No
 
 
 @pytest.fixture(scope="session")
-def build_cache(dockerd, tmp_path_factory):
-    """Real build cache in the private dockerd: two builds with cache mounts."""
+def build_contexts(tmp_path_factory):
+    contexts = []
     for i, (data, cache) in enumerate([(2, 3), (1, 2)]):
         ctx = tmp_path_factory.mktemp(f"ctx{i}")
         write_build_context(ctx, f"app{i}", data, cache)
-        dockerd.build(ctx, f"app{i}:latest")
+        contexts.append((ctx, f"app{i}:latest"))
+    return contexts
+
+
+@pytest.fixture
+def build_cache(dockerd, build_contexts):
+    """Real build cache in the private dockerd: two builds with cache mounts.
+
+    Per test, because the actuator's tests prune it: builds whose cache survived take a moment,
+    pruned ones are rebuilt."""
+    for ctx, tag in build_contexts:
+        dockerd.build(ctx, tag)
     return dockerd
 
 

@@ -1,0 +1,230 @@
+"""The actuator as users run it, pruning a real private dockerd's build cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import engine_get, write_build_context
+from tests.support import builder_container
+from tests.support.procs import Service, free_port, http_get, value, wait_for
+
+pytestmark = pytest.mark.integration
+TOKEN = "integration-token-0123456789"
+
+
+def notification(action: str, builder: str, host: str = "test", fp: str = "fp-1") -> dict:
+    return {"version": "4", "groupKey": "{}:{}", "truncatedAlerts": 0, "status": "firing", "receiver": "actuator",
+            "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am",
+            "alerts": [{"status": "firing", "labels": {"alertname": "BuildKitCacheOverBudget", "host": host,
+                                                       "builder": builder, "buildkit_action": action},
+                        "annotations": {}, "startsAt": "2026-11-22T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                        "generatorURL": "", "fingerprint": fp}]}
+
+
+class Actuator:
+    def __init__(self, dockerd, tmp_path: Path, budget: int, dry_run: bool = False, extra: str = ""):
+        self.port = free_port()
+        self.audit = tmp_path / f"audit-{self.port}.jsonl"
+        token = tmp_path / "token"
+        token.write_text(TOKEN + "\n")
+        cfg = tmp_path / f"actuator-{self.port}.yml"
+        cfg.write_text(f"""
+docker_hosts:
+  - {{url: "{dockerd.url}", name: test}}
+builders:
+  default: {{budget: {budget}}}
+  kamal: {{budget: 20GB}}
+actuator:
+  listen: 127.0.0.1:{self.port}
+  auth: {{bearer_token_file: {token}}}
+  cooldown: 1h
+  settle_delay: 1s
+  audit_log: {self.audit}
+{extra}
+""")
+        args = ["--config", str(cfg)] + (["--dry-run"] if dry_run else [])
+        self.svc = Service("actuator", args, tmp_path / f"actuator-{self.port}.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_for("the actuator", lambda: http_get(self.url + "/healthz")[0] == 200, timeout=30)
+
+    def post(self, body: dict, token: str = TOKEN) -> int:
+        import urllib.error
+        import urllib.request
+        req = urllib.request.Request(self.url + "/alerts", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        if not self.audit.exists():
+            return []
+        lines = [json.loads(x) for x in self.audit.read_text().splitlines()]
+        return [e for e in lines if kind is None or e["event"] == kind]
+
+    def metrics(self) -> str:
+        return http_get(self.url + "/metrics")[1]
+
+    def stop(self) -> None:
+        assert self.svc.stop() == 0, self.svc.output()
+
+
+def non_shared_bytes(dockerd) -> int:
+    """What BuildKit counts against keep-storage: every record but image layers (shared)."""
+    return sum(r["Size"] for r in engine_get(dockerd, "/system/df")["BuildCache"] if not r["Shared"])
+
+
+@pytest.fixture
+def big_cache(dockerd, tmp_path):
+    """Fresh, sizeable build cache: several builds with large contexts and small cache mounts."""
+    dockerd.cli("builder", "prune", "--all", "--force")
+    for i, (data, cache) in enumerate([(6, 1), (5, 1), (4, 1), (3, 1)]):
+        ctx = tmp_path / f"big{i}"
+        write_build_context(ctx, f"big{i}", data, cache)
+        dockerd.build(ctx, f"big{i}:latest")
+    return dockerd
+
+
+def test_a_firing_prune_to_budget_alert_brings_the_cache_to_its_budget(big_cache, tmp_path):
+    dockerd = big_cache
+    before = non_shared_bytes(dockerd)
+    budget = 12_000_000
+    assert before > budget * 2
+    act = Actuator(dockerd, tmp_path, budget)
+    try:
+        assert act.post(notification("prune-to-budget", "default")) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+        pruned = act.events("pruned")[0]
+        after = non_shared_bytes(dockerd)
+        assert after <= budget
+        assert pruned["cache_bytes_after"] is not None
+        assert pruned["freed_bytes"] == before - after == pruned["reclaimed_bytes"]
+        text = act.metrics()
+        assert value(text, "buildkit_cache_actuator_prunes_total", host="test", builder="default",
+                     action="prune-to-budget", result="success") == 1
+        assert value(text, "buildkit_cache_actuator_reclaimed_bytes_total", host="test", builder="default",
+                     action="prune-to-budget") == before - after
+        # Image layers (shared records) are untouched.
+        assert all(r["Shared"] for r in engine_get(dockerd, "/system/df")["BuildCache"]
+                   if r["Type"] == "regular")
+    finally:
+        act.stop()
+
+
+def test_fifty_concurrent_copies_of_a_notification_make_one_prune(big_cache, tmp_path):
+    dockerd = big_cache
+    act = Actuator(dockerd, tmp_path, 12_000_000)
+
+    async def burst() -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            async def one() -> int:
+                async with s.post(act.url + "/alerts", json=notification("prune-to-budget", "default"),
+                                  headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                    return r.status
+            return await asyncio.gather(*(one() for _ in range(50)))
+
+    try:
+        codes = asyncio.run(burst())
+        assert codes == [200] * 50
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+        time.sleep(2)
+        assert len(act.events("started")) == 1 and len(act.events("pruned")) == 1
+        skipped = [e["decision"] for e in act.events("skipped")]
+        assert len(skipped) == 49 and set(skipped) <= {"duplicate_in_progress", "cooldown"}
+        text = act.metrics()
+        assert value(text, "buildkit_cache_actuator_notifications_total", code="200") == 50
+    finally:
+        act.stop()
+
+
+def test_a_wrong_token_gets_401_and_the_cache_is_untouched(big_cache, tmp_path):
+    dockerd = big_cache
+    before = engine_get(dockerd, "/system/df")["BuildCache"]
+    act = Actuator(dockerd, tmp_path, 1_000_000)
+    try:
+        assert act.post(notification("prune-all", "default"), token="not-the-token") == 401
+        time.sleep(2)
+        assert act.events("started") == [] and [e["event"] for e in act.events()] == ["rejected"]
+    finally:
+        act.stop()
+    after = engine_get(dockerd, "/system/df")["BuildCache"]
+    assert sorted(r["ID"] for r in after) == sorted(r["ID"] for r in before)
+
+
+def test_a_dry_run_estimate_is_within_10_percent_of_the_real_prune(big_cache, tmp_path):
+    dockerd = big_cache
+    budget = 12_000_000
+    dry = Actuator(dockerd, tmp_path, budget, dry_run=True)
+    try:
+        assert dry.post(notification("prune-to-budget", "default")) == 200
+        wait_for("the dry run", lambda: dry.events("dry_run"), timeout=60)
+    finally:
+        dry.stop()
+    estimate = dry.events("dry_run")[0]
+    assert "DRY-RUN would prune" in dry.svc.output()
+    assert estimate["records"] > 0
+    real = Actuator(dockerd, tmp_path, budget)
+    try:
+        assert real.post(notification("prune-to-budget", "default")) == 200
+        wait_for("the prune", lambda: real.events("pruned"), timeout=60)
+    finally:
+        real.stop()
+    freed = real.events("pruned")[0]["freed_bytes"]
+    assert freed > 0
+    print(f"dry-run estimate {estimate['bytes']} bytes, real prune freed {freed} bytes")
+    assert abs(estimate["bytes"] - freed) <= 0.10 * freed, (estimate, freed)
+
+
+def test_prune_all_takes_cache_mounts_and_internal_records_too(big_cache, tmp_path):
+    dockerd = big_cache
+    act = Actuator(dockerd, tmp_path, 1)
+    try:
+        assert act.post(notification("prune-all", "default")) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+    finally:
+        act.stop()
+    left = engine_get(dockerd, "/system/df")["BuildCache"] or []
+    assert [r for r in left if not r["InUse"]] == []
+
+
+def test_docker_container_builder_is_pruned_with_buildctl_through_docker_exec(dockerd, builder_image, tmp_path):
+    container, volume = builder_container.start_builder(dockerd, "kamal0")
+    act = Actuator(dockerd, tmp_path, 1, extra="  actions:\n    nightly: {kind: prune-idle, idle_for: 1d}")
+    try:
+        for action in ("prune-to-budget", "nightly", "prune-all"):
+            assert act.post(notification(action, "kamal", fp=action)) == 200
+        wait_for("three prunes", lambda: len(act.events("pruned")) == 3, timeout=60)
+        calls = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls").stdout.decode().splitlines()
+        prunes = [c for c in calls if c.startswith("prune")]
+        assert prunes == ["prune --keep-storage 20000 --format json", "prune --keep-duration 86400s --format json",
+                          "prune --all --format json"]
+        first = act.events("pruned")[0]
+        assert first["records"] == 3 and first["reclaimed_bytes"] == 9441280 + 708608 + 2109440
+        # Nothing from the alert reached the command line: only configured values did.
+        assert all("fp" not in c and "BuildKit" not in c for c in calls)
+    finally:
+        act.stop()
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)
+
+
+def test_an_unknown_builder_is_answered_200_and_nothing_is_pruned(big_cache, tmp_path):
+    dockerd = big_cache
+    before = non_shared_bytes(dockerd)
+    act = Actuator(dockerd, tmp_path, 1)
+    try:
+        assert act.post(notification("prune-all", "nosuchbuilder")) == 200
+        assert act.post(notification("prune-all", "default", host="otherhost")) == 200
+        wait_for("two skips", lambda: len(act.events("skipped")) == 2, timeout=30)
+        assert {e["decision"] for e in act.events("skipped")} == {"unknown_builder"}
+    finally:
+        act.stop()
+    assert non_shared_bytes(dockerd) == before

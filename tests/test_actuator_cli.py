@@ -1,0 +1,105 @@
+"""`buildkit-cache-actuator` as a process: refusing unsafe starts, bad secrets, TLS with client certs."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.procs import ROOT, Service, free_port, wait_for
+
+
+def run(*args, timeout=30):
+    return subprocess.run([sys.executable, "-m", "actuator", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_refuses_to_start_without_authentication(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"actuator: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    done = run("--config", str(cfg))
+    assert done.returncode == 2
+    assert "refusing to start without authentication" in done.stderr
+    assert "--insecure-no-auth" in done.stderr
+
+
+def test_an_unreadable_or_empty_token_file_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"actuator: {{auth: {{bearer_token_file: {tmp_path}/missing}}}}\n")
+    done = run("--config", str(cfg))
+    assert done.returncode == 2
+    assert f"actuator.auth.bearer_token_file: cannot read {tmp_path}/missing: No such file or directory" in done.stderr
+    (tmp_path / "empty").write_text("\n")
+    cfg.write_text(f"actuator: {{auth: {{bearer_token_file: {tmp_path}/empty}}}}\n")
+    done = run("--config", str(cfg))
+    assert done.returncode == 2 and "is empty" in done.stderr
+
+
+def test_check_config_shows_loopback_default_and_actions(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("actuator:\n  actions:\n    nightly: {kind: prune-idle, idle_for: 1d}\n")
+    done = run("--config", str(cfg), "--check-config")
+    assert done.returncode == 0, done.stderr
+    eff = yaml.safe_load(done.stdout)["actuator"]
+    assert eff["listen"] == "127.0.0.1:9863"
+    assert eff["actions"]["nightly"] == {"name": "nightly", "kind": "prune-idle", "idle_for": "1d"}
+    bad = run("--config", str(ROOT / "tests/fixtures/buildctl/du.json"), "--check-config")
+    assert bad.returncode == 2 and "(top level): expected a mapping" in bad.stderr
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki(tmp_path):
+    d = tmp_path / "pki"
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=test-ca", cwd=d)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def test_tls_with_client_certificates(tmp_path, pki: Path):
+    port = free_port()
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"""
+docker_hosts: ["unix://{tmp_path}/no-docker.sock"]
+actuator:
+  listen: 127.0.0.1:{port}
+  auth: {{bearer_token_file: {token}}}
+  tls: {{cert_file: {pki}/server.pem, key_file: {pki}/server.key, client_ca_file: {pki}/ca.pem}}
+""")
+    svc = Service("actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
+    url = f"https://127.0.0.1:{port}/alerts"
+    body = json.dumps({"version": "4", "status": "resolved", "alerts": []}).encode()
+
+    def post(ctx):
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Authorization": "Bearer tok"})
+        with urllib.request.urlopen(req, timeout=5, context=ctx) as r:
+            return r.status
+
+    with_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with_cert.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    without_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    try:
+        assert wait_for("the actuator over TLS", lambda: post(with_cert) == 200, timeout=30)
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            post(without_cert)
+    finally:
+        assert svc.stop() == 0, svc.output()
+    assert "listening on https://127.0.0.1" in svc.output()
