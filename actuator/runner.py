@@ -108,8 +108,8 @@ class PruneRunner:
                               reason=f"no builder {d.builder[:64]!r} on host {d.host[:64]!r}")
             return False
         self.metrics.alerts.labels(action, D.ACCEPTED).inc()
-        request = {"keep_storage": d.request.keep_storage or None, "all": d.request.all or None,
-                   "keep_duration_seconds": d.request.keep_duration_seconds or None}
+        request = {k: v for k, v in (("keep_storage", d.request.keep_storage), ("all", d.request.all),
+                                     ("keep_duration_seconds", d.request.keep_duration_seconds)) if v}
         if self.dry_run:
             return await self._dry_run(d, builder, common, request)
         return await self._prune(d, builder, common, request)
