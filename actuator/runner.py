@@ -19,6 +19,7 @@ from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError
 from buildkit_cache.inventory import Inventory
+from buildkit_cache.models import PruneResult
 from buildkit_cache.prune_plan import plan_prune
 from buildkit_cache.units import format_bytes
 
@@ -29,6 +30,7 @@ from .metrics import ActuatorMetrics
 log = logging.getLogger("actuator")
 
 LOOKUP_TIMEOUT = 60.0
+MAX_PASSES = 5  # prune calls per incident when BuildKit stops short of its target
 
 
 class PruneRunner:
@@ -144,39 +146,71 @@ class PruneRunner:
         timeout = self.cfg.actuator.prune_timeout
         before = await self._cache_bytes(builder)
         self.audit.record("started", **common, request=request, cache_bytes=before)
-        loop = asyncio.get_running_loop()
         started = time.monotonic()
+        deadline = started + timeout
+        records = deleted = reclaimed = passes = 0
         self.metrics.in_progress.inc()
         try:
-            fut = loop.run_in_executor(self.executor, builder.prune, d.request, timeout)
-            done, _ = await asyncio.wait({fut}, timeout=timeout)
-            if not done:
-                self.audit.record("failed", **common, reason=f"the prune did not finish within {timeout:g}s")
-                self.metrics.prunes.labels(d.host, d.builder, action, "timeout").inc()
-                # Keep the builder's lock until BuildKit is really done: never two prunes at once.
-                await asyncio.wait({fut})
-                return False
-            try:
-                result = fut.result()
-            except BuilderError as exc:
-                self.audit.record("failed", **common, reason=str(exc))
-                self.metrics.prunes.labels(d.host, d.builder, action, "failure").inc()
-                return False
+            while True:
+                passes += 1
+                outcome = await self._prune_pass(d, builder, deadline - time.monotonic())
+                if isinstance(outcome, str):
+                    result_label = "timeout" if outcome.startswith("the prune did not finish") else "failure"
+                    self.audit.record("failed", **common, reason=outcome, passes=passes, records=deleted,
+                                      reclaimed_bytes=reclaimed)
+                    self.metrics.prunes.labels(d.host, d.builder, action, result_label).inc()
+                    return False
+                deleted += outcome.records_deleted
+                reclaimed += outcome.bytes_reclaimed
+                if outcome.records_deleted == 0 or passes >= MAX_PASSES or not await self._more_to_do(d, builder):
+                    break
+                log.info("prune of %s/%s stopped short of its target; pass %d", d.host, d.builder, passes + 1)
         finally:
             self.metrics.in_progress.dec()
             self.metrics.duration.labels(action).observe(time.monotonic() - started)
+        records = deleted
         # BuildKit releases files slightly after a prune returns: measure again after a pause.
         await asyncio.sleep(self.cfg.actuator.settle_delay)
         after = await self._cache_bytes(builder)
         freed = before - after if before is not None and after is not None else None
-        self.audit.record("pruned", **common, request=request, records=result.records_deleted,
-                          reclaimed_bytes=result.bytes_reclaimed, cache_bytes_before=before,
-                          cache_bytes_after=after, freed_bytes=freed,
+        self.audit.record("pruned", **common, request=request, records=records, reclaimed_bytes=reclaimed,
+                          passes=passes, cache_bytes_before=before, cache_bytes_after=after, freed_bytes=freed,
                           duration_seconds=round(time.monotonic() - started, 3))
         self.metrics.prunes.labels(d.host, d.builder, action, "success").inc()
-        self.metrics.reclaimed.labels(d.host, d.builder, action).inc(result.bytes_reclaimed)
+        self.metrics.reclaimed.labels(d.host, d.builder, action).inc(reclaimed)
         self.metrics.last_prune.labels(d.host, d.builder, action).set(self.clock())
         return True
+
+    async def _prune_pass(self, d: D.Decision, builder: Builder, timeout: float) -> PruneResult | str:
+        """One prune call; its result, or why it failed. Waits for BuildKit even past the timeout."""
+        assert d.request is not None
+        if timeout <= 0:
+            return f"the prune did not finish within {self.cfg.actuator.prune_timeout:g}s"
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, builder.prune, d.request, timeout)
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+        if not done:
+            # Keep the builder's lock until BuildKit is really done: never two prunes at once.
+            await asyncio.wait({fut})
+            return f"the prune did not finish within {self.cfg.actuator.prune_timeout:g}s"
+        try:
+            return fut.result()
+        except BuilderError as exc:
+            return str(exc)
+
+    async def _more_to_do(self, d: D.Decision, builder: Builder) -> bool:
+        """Whether BuildKit stopped short of what it was asked.
+
+        It does: BuildKit 0.8 (dockerd 20.10) ends a keep-storage prune early when a `/system/df`
+        runs meanwhile (any exporter, or `docker system df`), as the size computation holds records.
+        """
+        assert d.request is not None
+        try:
+            current = await self._thread(builder.records, LOOKUP_TIMEOUT)
+        except (BuilderError, TimeoutError):
+            return False
+        if d.request.keep_storage:
+            return sum(r.size for r in current if not r.shared) >= d.request.keep_storage
+        return bool(plan_prune(current, d.request, datetime.now(UTC), builder.holds_cache_mounts))
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running prunes finish for up to `timeout`, then stop."""

@@ -107,6 +107,17 @@ def build_cache(dockerd, build_contexts):
     return dockerd
 
 
+@pytest.fixture
+def big_cache(dockerd, tmp_path):
+    """Fresh, sizeable build cache: several builds with large contexts and small cache mounts."""
+    dockerd.cli("builder", "prune", "--all", "--force")
+    for i, (data, cache) in enumerate([(6, 1), (5, 1), (4, 1), (3, 1)]):
+        ctx = tmp_path / f"big{i}"
+        write_build_context(ctx, f"big{i}", data, cache)
+        dockerd.build(ctx, f"big{i}:latest")
+    return dockerd
+
+
 @pytest.fixture(scope="session")
 def builder_image(dockerd):
     builder_container.build_image(dockerd)

@@ -152,7 +152,8 @@ async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
     assert events == ["received", "started", "pruned"]
     pruned = h.audit_lines()[-1]
     assert pruned["reclaimed_bytes"] == 9441280 + 708608 + 2109440 and pruned["records"] == 3
-    assert pruned["cache_bytes_before"] == pruned["cache_bytes_after"]  # the recording does not shrink
+    assert pruned["cache_bytes_before"] == 44961792 and pruned["cache_bytes_after"] == 0
+    assert pruned["freed_bytes"] == 44961792 and pruned["passes"] == 1
     assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
                     result="success") == 1
     assert h.metric("buildkit_cache_actuator_reclaimed_bytes_total", host="h1", builder="kamal",
@@ -162,6 +163,28 @@ async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
     assert h.metric("buildkit_cache_actuator_prunes_in_progress") == 0
     assert h.metric("buildkit_cache_actuator_last_prune_timestamp_seconds", host="h1", builder="kamal",
                     action="prune-to-budget") > 1.7e9
+
+
+async def test_a_prune_cut_short_by_buildkit_gets_more_passes_until_under_budget(harness):
+    harness.builders["kamal"].short_prunes = True
+    h = await harness.start()
+    await h.post(notification(alert()))
+    await h.settle()
+    b = h.builders["kamal"]
+    # Two records go per pass: 45MB of recorded cache is under the 20MB budget after three.
+    assert sum(r.size for r in b.current) < 20_000_000
+    pruned = h.audit_lines()[-1]
+    assert pruned["event"] == "pruned" and pruned["passes"] == len(b.prunes) == 3
+
+
+async def test_passes_are_bounded(harness):
+    harness.builders["kamal"].short_prunes = True
+    cfg = {**CFG, "builders": {**CFG["builders"], "kamal": {"budget": "1MB"}}}
+    h = await harness.start(cfg)
+    await h.post(notification(alert()))
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 5
+    assert h.audit_lines()[-1]["passes"] == 5
 
 
 async def test_reply_comes_before_a_slow_prune(harness):

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import engine_get, write_build_context
+from tests.conftest import engine_get
 from tests.support import builder_container
 from tests.support.procs import Service, free_port, http_get, value, wait_for
 
@@ -80,17 +80,6 @@ actuator:
 def non_shared_bytes(dockerd) -> int:
     """What BuildKit counts against keep-storage: every record but image layers (shared)."""
     return sum(r["Size"] for r in engine_get(dockerd, "/system/df")["BuildCache"] if not r["Shared"])
-
-
-@pytest.fixture
-def big_cache(dockerd, tmp_path):
-    """Fresh, sizeable build cache: several builds with large contexts and small cache mounts."""
-    dockerd.cli("builder", "prune", "--all", "--force")
-    for i, (data, cache) in enumerate([(6, 1), (5, 1), (4, 1), (3, 1)]):
-        ctx = tmp_path / f"big{i}"
-        write_build_context(ctx, f"big{i}", data, cache)
-        dockerd.build(ctx, f"big{i}:latest")
-    return dockerd
 
 
 def test_a_firing_prune_to_budget_alert_brings_the_cache_to_its_budget(big_cache, tmp_path):

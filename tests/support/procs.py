@@ -25,13 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Service:
-    """`python -m <module> ...` with its log in a file; stopped by its own PID."""
+class Process:
+    """A subprocess with its output in a log file; stopped by its own PID."""
 
-    def __init__(self, module: str, args: list[str], log: Path, env: dict[str, str] | None = None):
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT):
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
-                                     stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
 
     def stop(self) -> int:
@@ -46,6 +46,13 @@ class Service:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+class Service(Process):
+    """`python -m <module> ...`: one of the project's own programs, run as users run it."""
+
+    def __init__(self, module: str, args: list[str], log: Path, env: dict[str, str] | None = None):
+        super().__init__([sys.executable, "-m", module, *args], log, env)
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:

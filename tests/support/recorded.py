@@ -22,13 +22,17 @@ F = Path(__file__).resolve().parent.parent / "fixtures" / "buildctl"
 class RecordedBuilder(Builder):
     measurements = ("records", "gc_policy", "state_volume", "filesystem")
 
-    def __init__(self, name, host="h1", broken=(), hang=None, prune_seconds=0.0):
+    def __init__(self, name, host="h1", broken=(), hang=None, prune_seconds=0.0, short_prunes=False):
         super().__init__(BuilderRef(host, name, DRIVER_CONTAINER, container=f"buildx_buildkit_{name}0",
                                     volume=f"buildx_buildkit_{name}0_state"))
         self.broken = set(broken)
         self.hang = hang
         self.prune_seconds = prune_seconds
         self.prunes: list[PruneRequest] = []
+        # The cache as it is now: the recording, less what prunes removed.
+        self.current = parse.parse_buildctl_du_json((F / "du.json").read_text())
+        # Like BuildKit cut short (see actuator.runner._more_to_do): two records per prune call.
+        self.short_prunes = short_prunes
         self.running = 0
         self.max_running = 0
         self._lock = threading.Lock()
@@ -41,7 +45,7 @@ class RecordedBuilder(Builder):
 
     def records(self):
         self._check("records")
-        return parse.parse_buildctl_du_json((F / "du.json").read_text())
+        return list(self.current)
 
     def workers(self):
         self._check("gc_policy")
@@ -63,6 +67,11 @@ class RecordedBuilder(Builder):
             time.sleep(self.prune_seconds)
             self._check("prune")
             self.prunes.append(req)
+            if self.short_prunes:
+                by_size = sorted(self.current, key=lambda r: r.size)
+                gone, self.current = by_size[-2:], by_size[:-2]
+                return prune_result_from_records(gone)
+            self.current = []
             return prune_result_from_records(
                 parse.parse_buildctl_prune_json((F / "prune-keep-storage-20MB.json").read_text()))
         finally:

@@ -1,0 +1,103 @@
+"""A real Prometheus and Alertmanager loading the shipped deploy/ files, for the end-to-end test and
+the demo. Only what the issue allows is changed: targets, the actuator's URL and token file, `for:`
+durations and intervals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .procs import ROOT, Process, free_port, http_get, wait_for
+
+DEPLOY = ROOT / "deploy"
+
+
+def shortened_rules(dst: Path, for_: str = "1s") -> Path:
+    """The shipped rules with every `for:` shortened; expressions, labels and annotations untouched."""
+    rules = yaml.safe_load((DEPLOY / "alerts" / "buildkit-cache.rules.yml").read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = for_
+    dst.write_text(yaml.safe_dump(rules, sort_keys=False))
+    return dst
+
+
+def adapted_alertmanager(dst: Path, actuator_url: str, token_file: Path) -> Path:
+    """The shipped route with the actuator's URL, the token file and the timings replaced."""
+    cfg = yaml.safe_load((DEPLOY / "alerts" / "alertmanager.yml").read_text())
+    for route in [cfg["route"], *cfg["route"].get("routes", [])]:
+        for key, value in (("group_wait", "1s"), ("group_interval", "1s"), ("repeat_interval", "1h")):
+            if key in route or route is cfg["route"]:
+                route[key] = value
+    (receiver,) = [r for r in cfg["receivers"] if r["name"] == "buildkit-actuator"]
+    hook = receiver["webhook_configs"][0]
+    hook["url"] = actuator_url
+    hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    cfg["global"]["resolve_timeout"] = "5s"
+    dst.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dst
+
+
+class Alertmanager:
+    def __init__(self, workdir: Path, config: Path):
+        self.port = free_port()
+        binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+        assert binary, "prometheus-alertmanager is not installed (scripts/test installs it)"
+        (workdir / "am-data").mkdir(exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = Process([binary, f"--config.file={config}", f"--storage.path={workdir / 'am-data'}",
+                             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
+                            workdir / "alertmanager.log")
+        wait_for("Alertmanager", lambda: http_get(self.url + "/-/ready")[0] == 200, timeout=60)
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return json.loads(http_get(self.url + "/api/v2/alerts")[1])
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, rules: Path, exporter: str, actuator: str, alertmanager: str):
+        """Loads deploy/prometheus/prometheus.yml with its targets replaced and 1s intervals."""
+        self.port = free_port()
+        cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+        cfg["global"]["scrape_interval"] = "1s"
+        cfg["global"]["evaluation_interval"] = "1s"
+        cfg["rule_files"] = [str(rules)]
+        cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [alertmanager]
+        targets = {"buildkit-cache-exporter": exporter, "buildkit-cache-actuator": actuator}
+        for job in cfg["scrape_configs"]:
+            job["static_configs"][0]["targets"] = [targets[job["job_name"]]]
+        path = workdir / "prometheus.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus is not installed (scripts/test installs it)"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = Process([binary, f"--config.file={path}", f"--storage.tsdb.path={workdir / 'prom-data'}",
+                             f"--web.listen-address=127.0.0.1:{self.port}"], workdir / "prometheus.log")
+        wait_for("Prometheus", lambda: http_get(self.url + "/-/ready")[0] == 200, timeout=60)
+
+    def api(self, path: str, **params: str) -> Any:
+        status, body = http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}")
+        data = json.loads(body)
+        if status != 200 or data.get("status") != "success":
+            raise AssertionError(f"Prometheus {path} {params}: {status} {body[:500]}")
+        return data["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return self.api("query", query=expr)["result"]
+
+    def firing(self, alertname: str) -> list[dict[str, Any]]:
+        return [a for a in self.api("alerts")["alerts"] if a["labels"]["alertname"] == alertname
+                and a["state"] == "firing"]
+
+    def stop(self) -> None:
+        self.proc.stop()
