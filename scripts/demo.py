@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""The demo behind scripts/demo: see the README's "Demo" section."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+
+from buildkit_cache.units import format_bytes  # noqa: E402
+from tests.conftest import write_build_context  # noqa: E402
+from tests.support.dockerd import PrivateDockerd  # noqa: E402
+from tests.support.procs import Service, free_port, http_get, value, wait_for  # noqa: E402
+from tests.support.stack import Alertmanager, Prometheus, adapted_alertmanager, shortened_rules  # noqa: E402
+
+BUDGET = 12_000_000
+
+
+def say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="Watch an over-budget BuildKit cache get pruned, end to end.")
+    ap.add_argument("--stay", action="store_true", help="keep everything running after the prune, until Ctrl-C")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bkce-demo-"))
+    started: list = []
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        dockerd = PrivateDockerd(work / "docker")
+        say(f"starting a private dockerd (socket {dockerd.socket}; nothing of yours is touched)")
+        dockerd.start()
+        started.append(dockerd)
+        for i, data_mb in enumerate((6, 5, 4, 3)):
+            ctx = work / f"app{i}"
+            write_build_context(ctx, f"app{i}", data_mb, 1)
+            say(f"docker build app{i} (BuildKit, {data_mb} MB of context and a cache mount)")
+            dockerd.build(ctx, f"app{i}:latest")
+
+        token = work / "token"
+        token.write_text("demo-token\n")
+        ex_port, act_port = free_port(), free_port()
+        cfg = work / "config.yml"
+        cfg.write_text(yaml.safe_dump({
+            "docker_hosts": [{"url": dockerd.url, "name": "demo"}],
+            "builders": {"default": {"budget": BUDGET}},
+            "exporter": {"listen": f"127.0.0.1:{ex_port}", "intervals": {
+                k: "2s" for k in ("discovery", "records", "gc_policy", "filesystem", "state_volume")}},
+            "actuator": {"listen": f"127.0.0.1:{act_port}", "auth": {"bearer_token_file": str(token)},
+                         "settle_delay": "1s", "audit_log": str(work / "audit.jsonl")},
+        }))
+        exporter = Service("exporter", ["--config", str(cfg)], work / "exporter.log")
+        started.append(exporter)
+        actuator = Service("actuator", ["--config", str(cfg)], work / "actuator.log")
+        started.append(actuator)
+        metrics_url = f"http://127.0.0.1:{ex_port}/metrics"
+        wait_for("the exporter", lambda: http_get(metrics_url)[0] == 200)
+        wait_for("the actuator", lambda: http_get(f"http://127.0.0.1:{act_port}/healthz")[0] == 200)
+        am = Alertmanager(work, adapted_alertmanager(work / "alertmanager.yml",
+                                                     f"http://127.0.0.1:{act_port}/alerts", token))
+        started.append(am)
+        prom = Prometheus(work, shortened_rules(work / "rules.yml", for_="5s"), f"127.0.0.1:{ex_port}",
+                          f"127.0.0.1:{act_port}", f"127.0.0.1:{am.port}")
+        started.append(prom)
+        say(f"exporter   {metrics_url}")
+        say(f"actuator   http://127.0.0.1:{act_port}/metrics")
+        say(f"prometheus {prom.url}/alerts (shipped rules, for: shortened to 5s)")
+        say(f"alertmanager {am.url} (shipped route to the actuator)")
+        say(f"budget of builder 'default': {format_bytes(BUDGET)}; watching...")
+
+        def unshared() -> float | None:
+            text = http_get(metrics_url)[1]
+            sizes = [value(text, "buildkit_cache_size_bytes", host="demo", builder="default", record_type=t, state=s)
+                     for t in ("regular", "source.local", "exec.cachemount", "frontend", "internal",
+                               "source.git.checkout") for s in ("in_use", "reclaimable")]
+            return sum(x for x in sizes if x is not None) if any(x is not None for x in sizes) else None
+
+        audit = work / "audit.jsonl"
+        phase, deadline = "waiting for the alert", time.monotonic() + 180
+        while time.monotonic() < deadline:
+            size = unshared()
+            firing = bool(prom.firing("BuildKitCacheOverBudget"))
+            events = [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
+            pruned = [e for e in events if e["event"] == "pruned"]
+            say(f"cache (counted against the budget): {format_bytes(size) if size is not None else '?':>8}   "
+                f"BuildKitCacheOverBudget: {'FIRING' if firing else 'inactive'}   prunes: {len(pruned)}")
+            if pruned and not firing and size is not None and size <= BUDGET:
+                p = pruned[0]
+                say(f"the actuator pruned {p['records']} records, {format_bytes(p['reclaimed_bytes'])}, in "
+                    f"{p['passes']} pass(es); the alert resolved. Audit line:")
+                print(json.dumps(p))
+                phase = "done"
+                break
+            time.sleep(2)
+        if phase != "done":
+            say("the prune did not happen within 3 minutes; logs are in " + str(work))
+            return 1
+        if args.stay:
+            say("everything keeps running; Ctrl-C stops it all")
+            while True:
+                time.sleep(3600)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        say("stopping everything the demo started")
+        for thing in reversed(started):
+            thing.stop()
+        say(f"logs kept in {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The deploy/ files as shipped: promtool, amtool, and what users rely on in them."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import subprocess
+
+import yaml
+
+from buildkit_cache.config import ACTION_KINDS, load
+from tests.support.procs import ROOT
+
+DEPLOY = ROOT / "deploy"
+RULES = DEPLOY / "alerts" / "buildkit-cache.rules.yml"
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def alerting_rules() -> list[dict]:
+    return [r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_promtool_checks_the_rules_clean():
+    done = run("promtool", "check", "rules", str(RULES))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS" in done.stdout and "WARNING" not in done.stdout + done.stderr
+
+
+def test_promtool_rule_unit_tests_pass():
+    done = run("promtool", "test", "rules", *map(str, sorted((DEPLOY / "alerts" / "tests").glob("*.yml"))))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_alert_has_a_unit_test_that_expects_it_to_fire():
+    tested = set()
+    for f in (DEPLOY / "alerts" / "tests").glob("*.yml"):
+        for t in yaml.safe_load(f.read_text())["tests"]:
+            tested |= {a["alertname"] for a in t.get("alert_rule_test", []) if a.get("exp_alerts")}
+    assert {r["alert"] for r in alerting_rules()} == tested
+
+
+def test_amtool_checks_the_route_clean():
+    done = run("amtool", "check-config", str(DEPLOY / "alerts" / "alertmanager.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_route_sends_actions_to_the_actuator_with_bearer_auth():
+    cfg = yaml.safe_load((DEPLOY / "alerts" / "alertmanager.yml").read_text())
+    (route,) = [r for r in cfg["route"]["routes"] if r["receiver"] == "buildkit-actuator"]
+    assert route["matchers"] == ['buildkit_action=~".+"']
+    assert route["group_by"] == ["instance", "host", "builder"]
+    (receiver,) = [r for r in cfg["receivers"] if r["name"] == "buildkit-actuator"]
+    hook = receiver["webhook_configs"][0]
+    assert hook["send_resolved"] is True
+    assert hook["http_config"]["authorization"]["type"] == "Bearer"
+    assert "credentials_file" in hook["http_config"]["authorization"]
+
+
+def test_prometheus_config_is_valid(tmp_path):
+    cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    cfg["rule_files"] = [str(RULES)]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = run("promtool", "check", "config", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {j["job_name"] for j in cfg["scrape_configs"]} == {"buildkit-cache-exporter", "buildkit-cache-actuator"}
+
+
+def test_rules_annotate_link_the_runbook_and_ask_only_for_built_in_actions():
+    runbook = (ROOT / "docs" / "runbook.md").read_text().lower()
+    anchors = {"#" + m.replace(" ", "-") for m in re.findall(r"^## (.+)$", runbook, re.M)}
+    for rule in alerting_rules():
+        ann = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= set(ann), rule["alert"]
+        assert "{{" in ann["description"], f"{rule['alert']}: the description shows no numbers"
+        assert "#" + ann["runbook_url"].split("#")[1] in anchors, rule["alert"]
+        action = rule["labels"].get("buildkit_action")
+        assert action is None or action in ACTION_KINDS, rule["alert"]
+
+
+def test_rules_hard_code_no_byte_thresholds():
+    for rule in yaml.safe_load(RULES.read_text())["groups"][0]["rules"]:
+        numbers = [float(n) for n in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?(?:e\d+)?)(?![\w.])", rule["expr"])]
+        # Ratios, factors and durations only: 24 * 3600 seconds is the largest number allowed.
+        assert all(n <= 3600 for n in numbers), (rule.get("alert", rule.get("record")), numbers)
+
+
+def test_dashboard_has_the_variables_and_panels_users_expect():
+    dash = json.loads((DEPLOY / "grafana" / "buildkit-cache.json").read_text())
+    assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "instance", "builder"]
+    titles = {p["title"] for p in dash["panels"]}
+    assert {"Cache by record type", "In use, shared, reclaimable", "State volume, cache and budget",
+            "Filesystem used (bytes)", "Filesystem used (inodes)", "Idle bytes by age", "GC policy caps",
+            "Prunes", "Bytes reclaimed", "Measurements"} <= titles
+    by_title = {p["title"]: p for p in dash["panels"]}
+    steps = by_title["Filesystem used (bytes)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps[1:]] == [0.85, 0.95]  # the alert thresholds, drawn
+    for p in dash["panels"]:
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}"
+
+
+def test_example_config_loads_and_compose_and_units_parse():
+    cfg = load(str(DEPLOY / "config.example.yml"))
+    assert cfg.actuator.listen == ("127.0.0.1", 9863)
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    assert set(compose["services"]) == {"exporter", "actuator", "prometheus", "alertmanager", "grafana"}
+    for unit in (DEPLOY / "systemd").glob("*.service"):
+        ini = configparser.ConfigParser(strict=False)
+        ini.read_string(unit.read_text())
+        assert ini["Service"]["ExecStart"].startswith("/opt/buildkit-cache/bin/buildkit-cache-")
+        assert ini["Install"]["WantedBy"] == "multi-user.target"
