@@ -198,19 +198,21 @@ class PruneRunner:
             return str(exc)
 
     async def _more_to_do(self, d: D.Decision, builder: Builder) -> bool:
-        """Whether BuildKit stopped short of what it was asked.
+        """Whether a keep-storage prune stopped short of its target.
 
-        It does: BuildKit 0.8 (dockerd 20.10) ends a keep-storage prune early when a `/system/df`
-        runs meanwhile (any exporter, or `docker system df`), as the size computation holds records.
+        BuildKit deletes one record at a time in that mode and stops when it finds none to take;
+        BuildKit 0.8 (dockerd 20.10) finds none early when a `/system/df` runs meanwhile (any
+        exporter, or `docker system df`), as the size computation holds records. Idle and full
+        prunes take every candidate in batches and are not repeated.
         """
         assert d.request is not None
+        if not d.request.keep_storage:
+            return False
         try:
             current = await self._thread(builder.records, LOOKUP_TIMEOUT)
         except (BuilderError, TimeoutError):
             return False
-        if d.request.keep_storage:
-            return sum(r.size for r in current if not r.shared) >= d.request.keep_storage
-        return bool(plan_prune(current, d.request, datetime.now(UTC), builder.holds_cache_mounts))
+        return sum(r.size for r in current if not r.shared) >= d.request.keep_storage
 
     async def close(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running prunes finish for up to `timeout`, then stop."""
