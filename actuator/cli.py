@@ -8,12 +8,10 @@ import logging
 import signal
 import sys
 
-import yaml
 from aiohttp import web
 
 from buildkit_cache import __version__
-from buildkit_cache.config import ConfigError, as_dict, load
-from buildkit_cache.config_schema import as_listen
+from buildkit_cache.cli_support import Exit, load_config, print_effective_config
 from buildkit_cache.inventory import Inventory
 
 from .app import make_app
@@ -23,11 +21,12 @@ from .metrics import ActuatorMetrics
 from .runner import PruneRunner
 
 log = logging.getLogger("actuator")
+PROG = "buildkit-cache-actuator"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="buildkit-cache-actuator",
+        prog=PROG,
         description="Alertmanager webhook that prunes BuildKit build caches: it runs the action an alert names "
                     "(buildkit_action label: prune-to-budget, prune-idle, prune-all, or one of your own) on the "
                     "builder its host and builder labels name, once per incident, one prune at a time per builder.",
@@ -58,18 +57,13 @@ def setup_logging(level: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    prog = "buildkit-cache-actuator"
+    prog = PROG
     try:
-        cfg = load(args.config)
-        host, port = as_listen(args.listen) if args.listen else cfg.actuator.listen
-    except ConfigError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"{prog}: --listen: {exc}", file=sys.stderr)
-        return 2
+        cfg, (host, port) = load_config(prog, args.config, args.listen, "actuator")
+    except Exit as exc:
+        return exc.code
     if args.check_config:
-        sys.stdout.write(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        print_effective_config(cfg)
         return 0
     try:
         credentials = load_credentials(cfg.actuator.auth)

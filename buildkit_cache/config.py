@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from .buildctl import RemoteTLS
 from .config_schema import (
     ConfigError,
     Section,
@@ -38,21 +39,13 @@ class DockerHostConfig:
 
 
 @dataclass(frozen=True)
-class RemoteTLSConfig:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_name: str | None = None
-
-
-@dataclass(frozen=True)
 class BuilderConfig:
     name: str
     budget: int | None = None
     container: str | None = None
     address: str | None = None  # set for a remote buildkitd
     host: str | None = None  # host label of a remote builder
-    tls: RemoteTLSConfig | None = None
+    tls: RemoteTLS | None = None
     actions: tuple[str, ...] | None = None  # None: every configured action is allowed
 
 
@@ -265,7 +258,7 @@ def _builder(name: str, s: Section, actuator: ActuatorConfig) -> BuilderConfig:
     tls = None
     if s.has("tls"):
         t = s.section("tls")
-        tls = RemoteTLSConfig(
+        tls = RemoteTLS(
             ca_file=t.get("ca_file", _existing_file, None),
             cert_file=t.get("cert_file", _existing_file, None),
             key_file=t.get("key_file", _existing_file, None),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .buildctl import LocalBuildctl, RemoteTLS
+from .buildctl import LocalBuildctl
 from .builders import Builder, RemoteBuilder, discover, remote_builder
 from .config import Config
 from .docker_api import DockerHost
@@ -20,8 +20,7 @@ class Inventory:
         self.remotes: list[RemoteBuilder] = []
         for b in cfg.remote_builders():
             assert b.address and b.host
-            tls = RemoteTLS(b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.server_name) if b.tls else None
-            ctl = LocalBuildctl(b.address, binary=cfg.exporter.buildctl, timeout=cfg.exporter.timeout, tls=tls)
+            ctl = LocalBuildctl(b.address, binary=cfg.exporter.buildctl, timeout=cfg.exporter.timeout, tls=b.tls)
             self.remotes.append(remote_builder(b.host, b.name, ctl))
 
     def discover(self, host: str) -> list[Builder]:

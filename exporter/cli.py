@@ -8,14 +8,13 @@ import logging
 import signal
 import sys
 
-import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from buildkit_cache import __version__
-from buildkit_cache.config import Config, ConfigError, as_dict, load
-from buildkit_cache.config_schema import as_listen
+from buildkit_cache.cli_support import Exit, load_config, print_effective_config
+from buildkit_cache.config import Config
 from buildkit_cache.inventory import Inventory
 
 from .metrics import CacheCollector
@@ -23,6 +22,7 @@ from .scheduler import Scheduler
 from .store import Store
 
 log = logging.getLogger("exporter")
+PROG = "buildkit-cache-exporter"
 
 LANDING = """<!doctype html><html><head><title>BuildKit cache exporter</title></head><body>
 <h1>BuildKit cache exporter</h1><p>Version {version}.</p>
@@ -32,7 +32,7 @@ LANDING = """<!doctype html><html><head><title>BuildKit cache exporter</title></
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="buildkit-cache-exporter",
+        prog=PROG,
         description="Export the build cache of every BuildKit builder on one or more Docker hosts to Prometheus: "
                     "the engine's embedded builder, buildx docker-container builders and their state volumes, "
                     "and remote buildkitd listed in the config.",
@@ -114,22 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load(args.config, args.docker_hosts)
-        listen = as_listen(args.listen) if args.listen else cfg.exporter.listen
-    except ConfigError as exc:
-        print(f"buildkit-cache-exporter: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        print(f"buildkit-cache-exporter: --listen: {exc}", file=sys.stderr)
-        return 2
+        cfg, listen = load_config(PROG, args.config, args.listen, "exporter", args.docker_hosts)
+    except Exit as exc:
+        return exc.code
     if args.check_config:
-        sys.stdout.write(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+        print_effective_config(cfg)
         return 0
     if args.once:
         return asyncio.run(_once(cfg))
     try:
         asyncio.run(_serve(cfg, *listen))
     except OSError as exc:
-        print(f"buildkit-cache-exporter: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}", file=sys.stderr)
+        print(f"{PROG}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}", file=sys.stderr)
         return 1
     return 0
