@@ -148,7 +148,7 @@ class PruneRunner:
         self.audit.record("started", **common, request=request, cache_bytes=before)
         started = time.monotonic()
         deadline = started + timeout
-        records = deleted = reclaimed = passes = 0
+        deleted = reclaimed = passes = 0
         self.metrics.in_progress.inc()
         try:
             while True:
@@ -168,12 +168,11 @@ class PruneRunner:
         finally:
             self.metrics.in_progress.dec()
             self.metrics.duration.labels(action).observe(time.monotonic() - started)
-        records = deleted
         # BuildKit releases files slightly after a prune returns: measure again after a pause.
         await asyncio.sleep(self.cfg.actuator.settle_delay)
         after = await self._cache_bytes(builder)
         freed = before - after if before is not None and after is not None else None
-        self.audit.record("pruned", **common, request=request, records=records, reclaimed_bytes=reclaimed,
+        self.audit.record("pruned", **common, request=request, records=deleted, reclaimed_bytes=reclaimed,
                           passes=passes, cache_bytes_before=before, cache_bytes_after=after, freed_bytes=freed,
                           duration_seconds=round(time.monotonic() - started, 3))
         self.metrics.prunes.labels(d.host, d.builder, action, "success").inc()

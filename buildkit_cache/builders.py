@@ -117,13 +117,11 @@ class ContainerBuilder(Builder):
     can still be measured when the volume is visible.
     """
 
-    def __init__(self, ref: BuilderRef, host: DockerHost, mountpoint: str, state_dir: str = STATE_DIR,
-                 running: bool = True):
+    def __init__(self, ref: BuilderRef, host: DockerHost, mountpoint: str, state_dir: str = STATE_DIR):
         super().__init__(ref)
         self.host = host
         self.mountpoint = mountpoint
         self.state_dir = state_dir
-        self.running = running
         self.buildctl = BuildctlClient(ContainerBuildctl(host, ref.container)) if ref.container else None
         if ref.container:
             self.measurements = (RECORDS, WORKERS, STATE_VOLUME, FILESYSTEM)
@@ -214,14 +212,16 @@ def builder_name_for_node(node: str) -> str:
     return node
 
 
-def discover(host: DockerHost, container_names: Mapping[str, str] | None = None) -> list[Builder]:
+def discover(host: DockerHost, container_names: Mapping[str, str] | None = None,
+             info: Mapping[str, Any] | None = None) -> list[Builder]:
     """Every builder on a Docker host: the engine's own, buildx containers, and leaked state volumes.
 
     `container_names` maps a container name to the builder name the config gives it.
-    Raises Unavailable when the daemon cannot be reached.
+    `info` is the host's `GET /info`, if the caller has it. Raises Unavailable when the daemon
+    cannot be reached.
     """
     container_names = container_names or {}
-    info = host.info()
+    info = info if info is not None else host.info()
     builders: list[Builder] = [
         EngineBuilder(BuilderRef(host.name, "default", DRIVER_DOCKER), host, info.get("DockerRootDir") or "/var/lib/docker")
     ]
@@ -237,8 +237,7 @@ def discover(host: DockerHost, container_names: Mapping[str, str] | None = None)
         claimed.add(volume)
         builder = container_names.get(name) or builder_name_for_node(name[len(CONTAINER_PREFIX):])
         ref = BuilderRef(host.name, builder, DRIVER_CONTAINER, container=name, volume=volume)
-        builders.append(ContainerBuilder(ref, host, mountpoint, mount.get("Destination", STATE_DIR) if mount else STATE_DIR,
-                                         running=c.get("State") == "running"))
+        builders.append(ContainerBuilder(ref, host, mountpoint, mount.get("Destination", STATE_DIR) if mount else STATE_DIR))
     for name, v in sorted(volumes.items()):
         if name in claimed:
             continue

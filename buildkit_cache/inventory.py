@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from .buildctl import LocalBuildctl
 from .builders import Builder, RemoteBuilder, discover, remote_builder
 from .config import Config
@@ -23,9 +26,9 @@ class Inventory:
             ctl = LocalBuildctl(b.address, binary=cfg.exporter.buildctl, timeout=cfg.exporter.timeout, tls=b.tls)
             self.remotes.append(remote_builder(b.host, b.name, ctl))
 
-    def discover(self, host: str) -> list[Builder]:
+    def discover(self, host: str, info: Mapping[str, Any] | None = None) -> list[Builder]:
         """Builders on one Docker host right now. Raises Unavailable when it cannot be reached."""
-        return discover(self.hosts[host], self.cfg.container_names())
+        return discover(self.hosts[host], self.cfg.container_names(), info)
 
     def find(self, host: str, builder: str) -> Builder | None:
         """The builder with these `host` and `builder` labels, or None if there is none."""

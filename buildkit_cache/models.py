@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 # Record types BuildKit reports. Exported as zeros when absent, so dashboards and alerts see a series.
@@ -123,7 +123,6 @@ class PruneRequest:
     keep_storage: int = 0
     keep_duration_seconds: float = 0.0
     all: bool = False
-    filters: tuple[str, ...] = field(default=())
 
 
 @dataclass(frozen=True)

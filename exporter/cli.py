@@ -9,7 +9,7 @@ import signal
 import sys
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from buildkit_cache import __version__
@@ -17,8 +17,8 @@ from buildkit_cache.cli_support import Exit, load_config, print_effective_config
 from buildkit_cache.config import Config
 from buildkit_cache.inventory import Inventory
 
-from .metrics import CacheCollector
-from .scheduler import Scheduler
+from .metrics import registry_for
+from .scheduler import Scheduler, collect_once
 from .store import Store
 
 log = logging.getLogger("exporter")
@@ -51,10 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> web.Application:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(CacheCollector(store, cfg))
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(registry_for(store, cfg)))
     app.router.add_get("/-/healthy", lambda _r: web.Response(text="ok\n"))
     app.router.add_get("/", lambda _r: web.Response(text=LANDING.format(version=__version__), content_type="text/html"))
     if scheduler is not None:
@@ -73,15 +71,8 @@ def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> w
 
 
 async def _once(cfg: Config) -> int:
-    store = Store()
-    scheduler = Scheduler(cfg, Inventory(cfg), store)
-    try:
-        await scheduler.collect_once()
-    finally:
-        scheduler.close()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(CacheCollector(store, cfg))
-    sys.stdout.write(generate_latest(registry).decode())
+    store = await collect_once(cfg, Inventory(cfg))
+    sys.stdout.write(generate_latest(registry_for(store, cfg)).decode())
     failed = [f"{h}: {s.error}" for h, s in store.hosts.items() if not s.up]
     failed += [f"{state.ref} {m}: {r.error}" for state in store.builders.values()
                for m, r in state.results.items() if not r.success]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -125,6 +126,13 @@ class CacheCollector(Collector):
         yield gc_info
         yield host_info
         yield build
+
+
+def registry_for(store: Store, cfg: Config) -> CollectorRegistry:
+    """A private registry serving the store (no process or platform collectors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CacheCollector(store, cfg))
+    return registry
 
 
 def _value(result, kind):

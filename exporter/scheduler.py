@@ -55,10 +55,11 @@ class Scheduler:
 
     async def discover(self, host: str) -> None:
         def work() -> tuple[list[Builder], HostState]:
-            builders = self.inventory.discover(host)
-            version = self.inventory.hosts[host].version()
-            return builders, HostState(True, version=str(version.get("Version", "")),
-                                       api_version=str(version.get("ApiVersion", "")))
+            docker = self.inventory.hosts[host]
+            info = docker.info()
+            builders = self.inventory.discover(host, info)
+            return builders, HostState(True, version=str(info.get("ServerVersion", "")),
+                                       api_version=docker.api_version)
 
         try:
             builders, state = await self._in_thread(work)
@@ -159,3 +160,14 @@ class Scheduler:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def collect_once(cfg: Config, inventory: Inventory) -> Store:
+    """Discover and measure everything once; the store holds what a scrape would show."""
+    store = Store()
+    scheduler = Scheduler(cfg, inventory, store)
+    try:
+        await scheduler.collect_once()
+    finally:
+        scheduler.close()
+    return store

@@ -4,37 +4,25 @@ import dataclasses
 import threading
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from buildkit_cache import parse
 from buildkit_cache.config import parse_config
-from exporter.metrics import CacheCollector
-from exporter.scheduler import Scheduler
+from exporter.metrics import registry_for
+from exporter.scheduler import Scheduler, collect_once
 from exporter.store import Store
 from tests.support.recorded import RecordedBuilder, StaticInventory
 
 F = Path(__file__).parent / "fixtures" / "buildctl"
 
 
-def Inv(builders):
-    return StaticInventory(builders)
-
-
-def scrape(store, cfg):
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(CacheCollector(store, cfg))
-    return registry
+scrape = registry_for
 
 
 async def collect(builders, cfg=None):
     cfg = cfg or parse_config({"builders": {"kamal": {"budget": "30MB"}}})
-    store = Store()
-    s = Scheduler(cfg, Inv(builders), store)
-    try:
-        await s.collect_once()
-    finally:
-        s.close()
+    store = await collect_once(cfg, StaticInventory(builders))
     return store, scrape(store, cfg)
 
 
@@ -99,7 +87,7 @@ async def test_last_success_timestamp_survives_a_failure():
     b = RecordedBuilder("kamal")
     cfg = parse_config({})
     store = Store()
-    s = Scheduler(cfg, Inv([b]), store, clock=lambda: 1000.0)
+    s = Scheduler(cfg, StaticInventory([b]), store, clock=lambda: 1000.0)
     try:
         await s.collect_once()
         b.broken.add("records")

@@ -90,4 +90,3 @@ class StaticInventory:
         return next((b for b in self.remotes if b.ref.key == (host, builder)), None)
 
 
-__all__ = ["RecordedBuilder", "StaticInventory", "threading"]
