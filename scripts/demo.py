@@ -13,13 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-
 from buildkit_cache.units import format_bytes  # noqa: E402
 from tests.conftest import write_build_context  # noqa: E402
 from tests.support.dockerd import PrivateDockerd  # noqa: E402
-from tests.support.procs import Service, free_port, http_get, value, wait_for  # noqa: E402
-from tests.support.stack import Alertmanager, Prometheus, adapted_alertmanager, shortened_rules  # noqa: E402
+from tests.support.procs import http_get, value  # noqa: E402
+from tests.support.stack import Stack  # noqa: E402
 
 BUDGET = 12_000_000
 
@@ -50,33 +48,11 @@ def main() -> int:
             say(f"docker build app{i} (BuildKit, {data_mb} MB of context and a cache mount)")
             dockerd.build(ctx, f"app{i}:latest")
 
-        token = work / "token"
-        token.write_text("demo-token\n")
-        ex_port, act_port = free_port(), free_port()
-        cfg = work / "config.yml"
-        cfg.write_text(yaml.safe_dump({
-            "docker_hosts": [{"url": dockerd.url, "name": "demo"}],
-            "builders": {"default": {"budget": BUDGET}},
-            "exporter": {"listen": f"127.0.0.1:{ex_port}", "intervals": {
-                k: "2s" for k in ("discovery", "records", "gc_policy", "filesystem", "state_volume")}},
-            "actuator": {"listen": f"127.0.0.1:{act_port}", "auth": {"bearer_token_file": str(token)},
-                         "settle_delay": "1s", "audit_log": str(work / "audit.jsonl")},
-        }))
-        exporter = Service("exporter", ["--config", str(cfg)], work / "exporter.log")
-        started.append(exporter)
-        actuator = Service("actuator", ["--config", str(cfg)], work / "actuator.log")
-        started.append(actuator)
-        metrics_url = f"http://127.0.0.1:{ex_port}/metrics"
-        wait_for("the exporter", lambda: http_get(metrics_url)[0] == 200)
-        wait_for("the actuator", lambda: http_get(f"http://127.0.0.1:{act_port}/healthz")[0] == 200)
-        am = Alertmanager(work, adapted_alertmanager(work / "alertmanager.yml",
-                                                     f"http://127.0.0.1:{act_port}/alerts", token))
-        started.append(am)
-        prom = Prometheus(work, shortened_rules(work / "rules.yml", for_="5s"), f"127.0.0.1:{ex_port}",
-                          f"127.0.0.1:{act_port}", f"127.0.0.1:{am.port}")
-        started.append(prom)
+        stack = Stack(dockerd, work, host="demo", budget=BUDGET, interval="2s", for_="5s")
+        started.append(stack)
+        metrics_url, prom, am = stack.metrics_url, stack.prom, stack.am
         say(f"exporter   {metrics_url}")
-        say(f"actuator   http://127.0.0.1:{act_port}/metrics")
+        say(f"actuator   {stack.actuator_url}/metrics")
         say(f"prometheus {prom.url}/alerts (shipped rules, for: shortened to 5s)")
         say(f"alertmanager {am.url} (shipped route to the actuator)")
         say(f"budget of builder 'default': {format_bytes(BUDGET)}; watching...")
@@ -88,13 +64,11 @@ def main() -> int:
                                "source.git.checkout") for s in ("in_use", "reclaimable")]
             return sum(x for x in sizes if x is not None) if any(x is not None for x in sizes) else None
 
-        audit = work / "audit.jsonl"
         phase, deadline = "waiting for the alert", time.monotonic() + 180
         while time.monotonic() < deadline:
             size = unshared()
             firing = bool(prom.firing("BuildKitCacheOverBudget"))
-            events = [json.loads(x) for x in audit.read_text().splitlines()] if audit.exists() else []
-            pruned = [e for e in events if e["event"] == "pruned"]
+            pruned = [e for e in stack.audit() if e["event"] == "pruned"]
             say(f"cache (counted against the budget): {format_bytes(size) if size is not None else '?':>8}   "
                 f"BuildKitCacheOverBudget: {'FIRING' if firing else 'inactive'}   prunes: {len(pruned)}")
             if pruned and not firing and size is not None and size <= BUDGET:

@@ -11,8 +11,8 @@ import yaml
 
 from tests.conftest import engine_get
 from tests.support import builder_container
-from tests.support.procs import ROOT, Service, free_port, http_get, value, wait_for
-from tests.support.stack import Alertmanager, Prometheus, adapted_alertmanager, shortened_rules
+from tests.support.procs import ROOT, http_get, value, wait_for
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 BUDGET = 12_000_000
@@ -29,49 +29,19 @@ def stack(big_cache, builder_image, tmp_path):
     container, volume = builder_container.start_builder(dockerd, "kamal0")
     builder_container.fill_state(dockerd, container)
     dockerd.cli("exec", container, "touch", "/fixtures/gc")
-    token = tmp_path / "token"
-    token.write_text("e2e-token\n")
-    exporter_port, actuator_port = free_port(), free_port()
-    cfg = tmp_path / "config.yml"
-    cfg.write_text(yaml.safe_dump({
-        "docker_hosts": [{"url": dockerd.url, "name": "test"}],
-        "builders": {"default": {"budget": BUDGET}},
-        "exporter": {"listen": f"127.0.0.1:{exporter_port}",
-                     "intervals": {k: "1s" for k in ("discovery", "records", "gc_policy", "filesystem", "state_volume")}},
-        "actuator": {"listen": f"127.0.0.1:{actuator_port}", "auth": {"bearer_token_file": str(token)},
-                     "settle_delay": "1s", "audit_log": str(tmp_path / "audit.jsonl")},
-    }))
-    procs = []
     try:
-        exporter = Service("exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
-        procs.append(exporter)
-        actuator = Service("actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
-        procs.append(actuator)
-        wait_for("the exporter", lambda: http_get(f"http://127.0.0.1:{exporter_port}/metrics")[0] == 200)
-        wait_for("the actuator", lambda: http_get(f"http://127.0.0.1:{actuator_port}/healthz")[0] == 200)
-        am = Alertmanager(tmp_path, adapted_alertmanager(tmp_path / "alertmanager.yml",
-                                                         f"http://127.0.0.1:{actuator_port}/alerts", token))
-        procs.append(am)
-        prom = Prometheus(tmp_path, shortened_rules(tmp_path / "rules.yml"), f"127.0.0.1:{exporter_port}",
-                          f"127.0.0.1:{actuator_port}", f"127.0.0.1:{am.port}")
-        procs.append(prom)
-        yield {"dockerd": dockerd, "prom": prom, "am": am, "exporter": f"127.0.0.1:{exporter_port}",
-               "actuator": f"http://127.0.0.1:{actuator_port}", "audit": tmp_path / "audit.jsonl",
-               "logs": procs}
+        stack = Stack(dockerd, tmp_path, host="test", budget=BUDGET, interval="1s", for_="1s")
+        try:
+            yield stack
+        finally:
+            stack.stop()
     finally:
-        for p in reversed(procs):
-            p.stop()
         dockerd.cli("rm", "-f", container, check=False)
         dockerd.cli("volume", "rm", volume, check=False)
 
 
-def audit(stack) -> list[dict]:
-    path = stack["audit"]
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def test_over_budget_cache_is_pruned_by_the_shipped_rules_and_route(stack):
-    dockerd, prom = stack["dockerd"], stack["prom"]
+def test_over_budget_cache_is_pruned_by_the_shipped_rules_and_route(big_cache, stack):
+    dockerd, prom = big_cache, stack.prom
     assert unshared(dockerd) > 2 * BUDGET
     # The shipped rules load and every one of them evaluates without error.
     groups = prom.api("rules")["groups"]
@@ -86,16 +56,16 @@ def test_over_budget_cache_is_pruned_by_the_shipped_rules_and_route(stack):
 
     # Prometheus fires, Alertmanager routes to the actuator, the actuator prunes.
     wait_for("the budget alert", lambda: prom.firing("BuildKitCacheOverBudget"), timeout=90)
-    wait_for("the prune", lambda: [e for e in audit(stack) if e["event"] == "pruned"], timeout=90)
+    wait_for("the prune", lambda: [e for e in stack.audit() if e["event"] == "pruned"], timeout=90)
     assert unshared(dockerd) <= BUDGET
     # The exporter sees the smaller cache, the alert resolves, Alertmanager tells the actuator.
     wait_for("the alert to resolve", lambda: not prom.firing("BuildKitCacheOverBudget"), timeout=90)
     wait_for("the resolved notification", lambda: any(e["event"] == "skipped" and e["decision"] == "resolved"
-                                                      for e in audit(stack)), timeout=90)
-    text = http_get(stack["actuator"] + "/metrics")[1]
+                                                      for e in stack.audit()), timeout=90)
+    text = http_get(stack.actuator_url + "/metrics")[1]
     assert value(text, "buildkit_cache_actuator_prunes_total", host="test", builder="default",
                  action="prune-to-budget", result="success") == 1
-    pruned = [e for e in audit(stack) if e["event"] == "pruned"]
+    pruned = [e for e in stack.audit() if e["event"] == "pruned"]
     assert len(pruned) == 1 and pruned[0]["freed_bytes"] > BUDGET
     # The webhook was authenticated and answered 200 each time.
     assert value(text, "buildkit_cache_actuator_notifications_total", code="401") == 0
@@ -113,14 +83,14 @@ def fill(expr: str, instance: str) -> str:
 
 
 def check_dashboard(stack) -> None:
-    prom = stack["prom"]
+    prom = stack.prom
     dash = json.loads((ROOT / "deploy/grafana/buildkit-cache.json").read_text())
     exprs = [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
     exprs += [(a["name"], a["expr"]) for a in dash["annotations"]["list"] if "expr" in a]
     assert len(exprs) >= 15
     empty = []
     for title, expr in exprs:
-        q = fill(expr, stack["exporter"])
+        q = fill(expr, stack.exporter_target)
         # The dashboard's range is hours; this Prometheus is a minute old: look back over all of it.
         if not wait_for_quiet(lambda q=q: prom.query(q)):
             empty.append((title, q))
@@ -131,7 +101,7 @@ def check_dashboard(stack) -> None:
             continue
         m = re.fullmatch(r"label_values\((.*), (\w+)\)", var["query"]["query"])
         assert m, var
-        series = prom.query(fill(m.group(1), stack["exporter"]))
+        series = prom.query(fill(m.group(1), stack.exporter_target))
         found = {s["metric"].get(m.group(2)) for s in series}
         assert found and None not in found, (var["name"], found)
 

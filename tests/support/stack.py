@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .procs import ROOT, Process, free_port, http_get, wait_for
+from .procs import ROOT, Process, Service, free_port, http_get, wait_for
 
 DEPLOY = ROOT / "deploy"
 
@@ -101,3 +101,51 @@ class Prometheus:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+class Stack:
+    """The exporter, the actuator, Alertmanager and Prometheus on one dockerd, wired as deploy/ wires
+    them, with one builder (`default`) under a budget. Stops what it started if a start fails."""
+
+    def __init__(self, dockerd, workdir: Path, *, host: str, budget: int, interval: str, for_: str):
+        token = workdir / "token"
+        token.write_text(f"{host}-token\n")
+        self.audit_path = workdir / "audit.jsonl"
+        exporter_port, actuator_port = free_port(), free_port()
+        self.exporter_target = f"127.0.0.1:{exporter_port}"
+        self.metrics_url = f"http://{self.exporter_target}/metrics"
+        self.actuator_url = f"http://127.0.0.1:{actuator_port}"
+        cfg = workdir / "config.yml"
+        cfg.write_text(yaml.safe_dump({
+            "docker_hosts": [{"url": dockerd.url, "name": host}],
+            "builders": {"default": {"budget": budget}},
+            "exporter": {"listen": self.exporter_target, "intervals": {
+                k: interval for k in ("discovery", "records", "gc_policy", "filesystem", "state_volume")}},
+            "actuator": {"listen": f"127.0.0.1:{actuator_port}", "auth": {"bearer_token_file": str(token)},
+                         "settle_delay": "1s", "audit_log": str(self.audit_path)},
+        }))
+        self.procs: list[Any] = []
+        try:
+            self.procs.append(Service("exporter", ["--config", str(cfg)], workdir / "exporter.log"))
+            self.procs.append(Service("actuator", ["--config", str(cfg)], workdir / "actuator.log"))
+            wait_for("the exporter", lambda: http_get(self.metrics_url)[0] == 200)
+            wait_for("the actuator", lambda: http_get(self.actuator_url + "/healthz")[0] == 200)
+            self.am = Alertmanager(workdir, adapted_alertmanager(workdir / "alertmanager.yml",
+                                                                 self.actuator_url + "/alerts", token))
+            self.procs.append(self.am)
+            self.prom = Prometheus(workdir, shortened_rules(workdir / "rules.yml", for_), self.exporter_target,
+                                   f"127.0.0.1:{actuator_port}", f"127.0.0.1:{self.am.port}")
+            self.procs.append(self.prom)
+        except BaseException:
+            self.stop()
+            raise
+
+    def audit(self) -> list[dict[str, Any]]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs = []
