@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -14,10 +15,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from buildkit_cache.units import format_bytes  # noqa: E402
-from tests.conftest import write_build_context  # noqa: E402
-from tests.support.dockerd import PrivateDockerd  # noqa: E402
-from tests.support.procs import http_get, value  # noqa: E402
-from tests.support.stack import Stack  # noqa: E402
+from lab.engines import PrivateDockerd, write_build_context  # noqa: E402
+from lab.procs import http_get, value  # noqa: E402
+from lab.stack import Stack  # noqa: E402
 
 BUDGET = 12_000_000
 
@@ -29,8 +29,9 @@ def say(msg: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description="Watch an over-budget BuildKit cache get pruned, end to end.")
     ap.add_argument("--stay", action="store_true", help="keep everything running after the prune, until Ctrl-C")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the demo's folder (logs, data) instead of removing it")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bkce-demo-"))
+    work = Path(tempfile.mkdtemp(prefix="bkce-demo-", dir="/tmp"))
     started: list = []
 
     def stop(*_):
@@ -39,7 +40,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         dockerd = PrivateDockerd(work / "docker")
-        say(f"starting a private dockerd (socket {dockerd.socket}; nothing of yours is touched)")
+        say(f"starting a private dockerd {dockerd.engine.version} in its own network namespace "
+            f"(socket {dockerd.socket}; your Docker and its docker0 bridge are not touched)")
         dockerd.start()
         started.append(dockerd)
         for i, data_mb in enumerate((6, 5, 4, 3)):
@@ -80,7 +82,7 @@ def main() -> int:
                 break
             time.sleep(2)
         if phase != "done":
-            say("the prune did not happen within 3 minutes; logs are in " + str(work))
+            say("the prune did not happen within 3 minutes; run scripts/demo --keep-logs to keep the logs")
             return 1
         if args.stay:
             say("everything keeps running; Ctrl-C stops it all")
@@ -92,8 +94,12 @@ def main() -> int:
     finally:
         say("stopping everything the demo started")
         for thing in reversed(started):
-            thing.stop()
-        say(f"logs kept in {work}")
+            thing.close() if isinstance(thing, PrivateDockerd) else thing.stop()
+        if args.keep_logs:
+            say(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            say(f"removed {work}")
 
 
 if __name__ == "__main__":

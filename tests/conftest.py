@@ -3,17 +3,15 @@ builder container. Nothing here is skipped: a skipped test fails the run (see th
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from lab import engines
+from lab.engines import PrivateDockerd, write_build_context
 from tests.support import builder_container
-from tests.support.dockerd import BUSYBOX, PrivateDockerd
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -38,52 +36,41 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"FAILED: {len(_skipped)} test(s) skipped; every test must run", red=True)
 
 
-# -- the private dockerd ---------------------------------------------------------------------------
+# -- the private dockerd, one per engine of the matrix ----------------------------------------------
+
+ENGINES = engines.matrix()
+
+
+def work_dir(prefix: str) -> Path:
+    """A folder for one session's engines, under scripts/test's run folder (removed after the run)."""
+    base = Path(os.environ.get("BKCE_WORK") or tempfile.gettempdir())
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+@pytest.fixture(scope="session", params=ENGINES, ids=[e.id for e in ENGINES])
+def engine(request) -> engines.Engine:
+    eng = request.param
+    if not eng.ready:
+        pytest.fail(f"the {eng.release} engine is not set up: run scripts/setup (scripts/engine-tree {eng.release})")
+    return eng
 
 
 @pytest.fixture(scope="session")
-def dockerd():
+def dockerd(engine):
+    """A private dockerd of this engine, in namespaces of its own; every Docker test runs on each."""
     if os.geteuid() != 0:
         pytest.fail("the integration tests start a private dockerd and must run as root (see README)")
-    root = Path(tempfile.mkdtemp(prefix="bkce-dockerd-", dir="/tmp"))
-    d = PrivateDockerd(root)
-    d.start()
+    d = PrivateDockerd(work_dir(f"bkce-{engine.id}-"), engine)
     try:
+        d.start()
         yield d
     finally:
-        d.stop()
+        d.close()
 
 
 def engine_get(dockerd: PrivateDockerd, path: str):
     """GET from the Engine API over its socket, independently of the code under test."""
-
-    class Conn(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(str(dockerd.socket))
-
-    conn = Conn("localhost", timeout=120)
-    conn.request("GET", path)
-    resp = conn.getresponse()
-    body = resp.read()
-    assert resp.status == 200, body
-    return json.loads(body)
-
-
-def write_build_context(ctx: Path, name: str, data_mb: int, cache_mb: int) -> None:
-    """A Dockerfile whose build makes regular, source.local and exec.cachemount records."""
-    ctx.mkdir(parents=True, exist_ok=True)
-    (ctx / "busybox").write_bytes(Path(BUSYBOX).read_bytes())
-    (ctx / "busybox").chmod(0o755)
-    (ctx / "data.bin").write_bytes(os.urandom(data_mb * 1024 * 1024))
-    (ctx / "Dockerfile").write_text(
-        "FROM scratch\n"
-        "COPY busybox /bin/busybox\n"
-        "COPY data.bin /data.bin\n"
-        f'RUN --mount=type=cache,target=/cache,id={name} ["/bin/busybox", "sh", "-c", '
-        f'"/bin/busybox dd if=/dev/urandom of=/cache/{name} bs=1M count={cache_mb} 2>/dev/null && '
-        f'/bin/busybox dd if=/dev/urandom of=/layer-{name} bs=1M count=1 2>/dev/null"]\n'
-    )
+    return dockerd.api(path)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.procs import ROOT, Service, free_port, wait_for
+from lab.procs import ROOT, Service, free_port, wait_for
 
 
 def run(*args, timeout=30):

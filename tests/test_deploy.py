@@ -10,7 +10,7 @@ import subprocess
 import yaml
 
 from buildkit_cache.config import ACTION_KINDS, load
-from tests.support.procs import ROOT
+from lab.procs import ROOT
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "alerts" / "buildkit-cache.rules.yml"

@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from lab.procs import Service, free_port, http_get, value, wait_for
 from tests.conftest import engine_get
 from tests.support import builder_container
-from tests.support.procs import Service, free_port, http_get, value, wait_for
 
 pytestmark = pytest.mark.integration
 TOKEN = "integration-token-0123456789"

@@ -9,10 +9,10 @@ import re
 import pytest
 import yaml
 
+from lab.procs import ROOT, http_get, value, wait_for
+from lab.stack import Stack
 from tests.conftest import engine_get
 from tests.support import builder_container
-from tests.support.procs import ROOT, http_get, value, wait_for
-from tests.support.stack import Stack
 
 pytestmark = pytest.mark.integration
 BUDGET = 12_000_000

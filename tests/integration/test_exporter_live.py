@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from lab.procs import Service, free_port, http_get, value, wait_for
 from tests.support import builder_container
-from tests.support.procs import Service, free_port, http_get, value, wait_for
 
 pytestmark = pytest.mark.integration
 

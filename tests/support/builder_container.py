@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .dockerd import PrivateDockerd, busybox_files
+from lab.engines import PrivateDockerd, busybox_files
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "buildctl"
 IMAGE = "bkce-test-builder:latest"
