@@ -71,7 +71,8 @@ class DockerHost:
 
     `host_root` is where this host's filesystem is visible to this process ('/' when the exporter
     runs on the host itself, '/host' when it runs in a container with the host's / mounted there,
-    None when it cannot see it at all, as for a remote host).
+    None when it cannot see it at all, as for a remote host). `containerd_root` is containerd's root
+    on that host when the config names it (containerd image store; see builders.engine_storage).
     """
 
     def __init__(
@@ -82,8 +83,10 @@ class DockerHost:
         timeout: float = 30.0,
         tls: TLSSettings | None = None,
         host_root: str | None = None,
+        containerd_root: str | None = None,
     ):
         self.name = name
+        self.containerd_root = containerd_root
         self.url = url
         self.timeout = timeout
         self.tls = tls
@@ -156,11 +159,16 @@ class DockerHost:
         return self._call("GET /info", lambda c: c.info())
 
     def system_df_build_cache(self) -> Mapping[str, Any]:
-        """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it."""
+        """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it, and
+        for the record list (`verbose`) where the API (1.52+) lists records only when asked."""
 
         def call(c: docker.APIClient) -> Mapping[str, Any]:
-            params = {"type": "build-cache"} if api_at_least(c.api_version, "1.42") else None
-            res = c._get(c._url("/system/df"), params=params)
+            params: dict[str, str] = {}
+            if api_at_least(c.api_version, "1.42"):
+                params["type"] = "build-cache"
+            if api_at_least(c.api_version, "1.52"):
+                params["verbose"] = "1"
+            res = c._get(c._url("/system/df"), params=params or None)
             return c._result(res, True)
 
         return self._call("GET /system/df", call)

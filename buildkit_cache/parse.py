@@ -52,23 +52,57 @@ def _int(value: Any, what: str) -> int:
     return int(value)
 
 
-def parse_engine_build_cache(df: Mapping[str, Any]) -> list[CacheRecord]:
-    """Records from the Engine API's `GET /system/df` (`BuildCache`, API 1.39 to 1.52 shapes)."""
-    if not isinstance(df, Mapping):
-        raise ParseError("system/df: expected a JSON object")
-    raw = df.get("BuildCache")
-    if raw is None:
+def _engine_record_list(df: Mapping[str, Any]) -> list[Any]:
+    """The record list of a `GET /system/df` reply, from whichever shape the engine sent.
+
+    API 1.52 (Docker 29) adds `BuildCacheUsage`, whose `Items` lists the records when asked with
+    `verbose`; the legacy `BuildCache` list is sent only without `verbose` and is to be dropped. A
+    reply with neither is not "no records": it is a reply this exporter does not understand.
+    """
+    usage = df.get("BuildCacheUsage")
+    if usage is not None:
+        if not isinstance(usage, Mapping):
+            raise ParseError("system/df: BuildCacheUsage is not an object")
+        items = usage.get("Items")
+        if items is not None:
+            if not isinstance(items, list):
+                raise ParseError("system/df: BuildCacheUsage.Items is not a list")
+            return items
+        # Items is omitted when empty; a non-zero count without them means the list was not sent.
+        total = usage.get("TotalCount")
+        if "BuildCache" not in df:
+            if total == 0:
+                return []
+            raise ParseError(f"system/df: BuildCacheUsage counts {total!r} records but lists none "
+                             "(Items is missing: was the request made without verbose?)")
+    if "BuildCache" not in df:
+        raise ParseError("system/df: the reply has neither BuildCache nor BuildCacheUsage; "
+                         "the engine did not report its build cache")
+    raw = df["BuildCache"]
+    if raw is None:  # an empty cache, as older engines say it
         return []
     if not isinstance(raw, list):
         raise ParseError("system/df: BuildCache is not a list")
+    return raw
+
+
+def parse_engine_build_cache(df: Mapping[str, Any]) -> list[CacheRecord]:
+    """Records from the Engine API's `GET /system/df` (API 1.39 to 1.52 shapes)."""
+    if not isinstance(df, Mapping):
+        raise ParseError("system/df: expected a JSON object")
     records = []
-    for i, item in enumerate(raw):
+    for i, item in enumerate(_engine_record_list(df)):
         what = f"system/df BuildCache[{i}]"
         if not isinstance(item, Mapping) or "ID" not in item:
             raise ParseError(f"{what}: not a cache record")
+        # API <= 1.41: `Parent`, a string. From 1.42 a list, which 26.1 and 28.5 send under the key
+        # " Parents" with a leading space (a typo in the engine's struct tag); "Parents" as documented.
         parents: Iterable[str]
-        if item.get("Parents"):
-            parents = item["Parents"]
+        listed = item.get("Parents") or item.get(" Parents")
+        if listed:
+            if not isinstance(listed, list):
+                raise ParseError(f"{what}.Parents: expected a list")
+            parents = listed
         elif item.get("Parent"):
             parents = [item["Parent"]]
         else:

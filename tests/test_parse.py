@@ -48,8 +48,42 @@ def test_engine_records_in_the_api_1_42_shape_use_parents_list_and_null_last_use
     assert rec.state == "in_use"
 
 
+def test_engine_28_5_parents_under_the_key_with_a_leading_space_are_read():
+    raw = json.loads(read(F / "docker-engine-28.5" / "system-df-build-cache.json"))["BuildCache"]
+    with_parents = {r["ID"]: tuple(r[" Parents"]) for r in raw if r.get(" Parents")}
+    assert with_parents, "the recording has records with parents"
+    records = {r.id: r for r in parse.parse_engine_build_cache({"BuildCache": raw})}
+    assert {i: records[i].parents for i in with_parents} == with_parents
+    assert all(records[r["ID"]].parents == () for r in raw if not r.get(" Parents"))
+
+
+# API 1.52 (Docker 29): replies built from the documented schema (see the fixture folder's README).
+SCHEMA_152 = F / "docker-engine-1.52-schema"
+
+
+def test_api_1_52_records_come_from_build_cache_usage_items():
+    verbose = json.loads(read(SCHEMA_152 / "system-df-verbose.json"))
+    legacy = json.loads(read(F / "docker-engine-28.5" / "system-df-build-cache.json"))
+    records = parse.parse_engine_build_cache(verbose)
+    assert len(records) == verbose["BuildCacheUsage"]["TotalCount"] == 43
+    assert sum(r.size for r in records) == verbose["BuildCacheUsage"]["TotalSize"]
+    assert sorted(records, key=lambda r: r.id) == sorted(parse.parse_engine_build_cache(legacy), key=lambda r: r.id)
+    # While the engine still sends the legacy list beside the summary, that list is read.
+    both = parse.parse_engine_build_cache(json.loads(read(SCHEMA_152 / "system-df-legacy-and-summary.json")))
+    assert sorted(both, key=lambda r: r.id) == sorted(records, key=lambda r: r.id)
+    assert parse.parse_engine_build_cache(json.loads(read(SCHEMA_152 / "system-df-empty.json"))) == []
+
+
+def test_a_reply_without_any_record_list_is_an_error_never_zero_records():
+    with pytest.raises(parse.ParseError, match="counts 43 records but lists none"):
+        parse.parse_engine_build_cache(json.loads(read(SCHEMA_152 / "system-df-summary-only.json")))
+    with pytest.raises(parse.ParseError, match="neither BuildCache nor BuildCacheUsage"):
+        parse.parse_engine_build_cache({"Images": []})
+
+
 def test_engine_df_without_build_cache_is_empty_and_garbage_is_an_error():
     assert parse.parse_engine_build_cache({"BuildCache": None}) == []
+    assert parse.parse_engine_build_cache({"BuildCache": []}) == []
     with pytest.raises(parse.ParseError, match="BuildCache"):
         parse.parse_engine_build_cache({"BuildCache": {"oops": 1}})
     with pytest.raises(parse.ParseError, match=r"BuildCache\[0\].Size"):
