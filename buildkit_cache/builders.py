@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from . import fs, parse
@@ -45,14 +46,23 @@ class Builder:
     """A builder and the measurements it supports. Subclasses do the I/O; all of it is blocking."""
 
     measurements: tuple[str, ...] = ()
-    # dockerd's embedded BuildKit keeps cache mounts out of a prune without `all` (see prune_plan).
-    holds_cache_mounts = False
 
     def __init__(self, ref: BuilderRef):
         self.ref = ref
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.ref})"
+
+    def describe(self) -> str:
+        """How the builder is reached, for logs."""
+        r = self.ref
+        if r.container:
+            return f"driver {r.driver}, container {r.container}"
+        if r.volume:
+            return f"driver {r.driver}, volume {r.volume} without a container"
+        if r.address:
+            return f"driver {r.driver}, address {r.address}"
+        return f"driver {r.driver}"
 
     def records(self) -> list[CacheRecord]:
         raise BuilderError(f"{self.ref}: records are not available for this builder")
@@ -70,6 +80,11 @@ class Builder:
         """Run the prune on the builder itself; blocks until BuildKit answers or `timeout`."""
         raise BuilderError(f"{self.ref}: this builder cannot be pruned")
 
+    def fresh_cache_mounts(self) -> bool:
+        """Whether the builder marks its cache mounts used whenever it measures them, so that a
+        prune sees them as just used (see prune_plan)."""
+        return False
+
     def measure(self, measurement: str) -> Any:
         return {
             RECORDS: self.records,
@@ -79,35 +94,83 @@ class Builder:
         }[measurement]()
 
 
+@dataclass(frozen=True)
+class EngineStorage:
+    """Where dockerd's embedded BuildKit keeps its cache's bytes, as paths on the Docker host.
+
+    With the classic image store they are the graph driver's layers (`<DockerRootDir>/overlay2`).
+    With the containerd image store (Docker 29's default) they live in containerd's snapshotter
+    (`<containerd root>/io.containerd.snapshotter.v1.overlayfs`), while `<DockerRootDir>/buildkit`
+    holds only metadata: containerd's root may be on another disk than the data root.
+    """
+
+    image_store: str  # "containerd", or the graph driver's name ("overlay2")
+    path: str  # the directory holding the snapshots
+    fallback: str  # measured when `path` is not there: the same filesystem in a normal install
+
+    def describe(self) -> str:
+        if self.image_store == "containerd":
+            return f"containerd image store, snapshots in {self.path}"
+        return f"{self.image_store} storage in {self.path}"
+
+
+def engine_storage(info: Mapping[str, Any], containerd_root: str | None = None) -> EngineStorage:
+    """Where the engine that answered `GET /info` keeps its build cache's bytes.
+
+    The containerd image store shows as `DriverStatus` `driver-type: io.containerd.snapshotter.v1`.
+    containerd's root is not in /info: dockerd that starts its own containerd (its socket under
+    dockerd's exec root) keeps it in `<DockerRootDir>/containerd/daemon`; a system containerd
+    (socket /run/containerd/containerd.sock, as Docker CE installs it) in /var/lib/containerd.
+    `containerd_root` (the config's `docker_hosts[].containerd_root`) overrides that guess.
+    """
+    root = str(info.get("DockerRootDir") or "/var/lib/docker").rstrip("/") or "/"
+    driver = str(info.get("Driver") or "")
+    status = {str(p[0]): str(p[1]) for p in info.get("DriverStatus") or ()
+              if isinstance(p, (list, tuple)) and len(p) == 2}
+    if status.get("driver-type") == "io.containerd.snapshotter.v1":
+        if not containerd_root:
+            containerd = info.get("Containerd") or {}
+            address = str(containerd.get("Address") or "") if isinstance(containerd, Mapping) else ""
+            system = address.rstrip("/") in ("/run/containerd/containerd.sock", "/var/run/containerd/containerd.sock")
+            containerd_root = "/var/lib/containerd" if system else f"{root}/containerd/daemon"
+        containerd_root = containerd_root.rstrip("/") or "/"
+        snapshotter = f"io.containerd.snapshotter.v1.{driver or 'overlayfs'}"
+        return EngineStorage("containerd", f"{containerd_root}/{snapshotter}", containerd_root)
+    return EngineStorage(driver or "unknown", f"{root}/{driver}" if driver else root, root)
+
+
 class EngineBuilder(Builder):
     """BuildKit embedded in dockerd (the docker driver): the Engine API's `/system/df`."""
 
-    holds_cache_mounts = True
-
-    def __init__(self, ref: BuilderRef, host: DockerHost, root_dir: str):
+    def __init__(self, ref: BuilderRef, host: DockerHost, storage: EngineStorage):
         super().__init__(ref)
         self.host = host
-        self.root_dir = root_dir
+        self.storage = storage
         self.measurements = (RECORDS, FILESYSTEM) if host.host_root is not None else (RECORDS,)
 
+    def describe(self) -> str:
+        return f"driver {self.ref.driver}, {self.storage.describe()}"
+
     def records(self) -> list[CacheRecord]:
-        try:
-            return parse.parse_engine_build_cache(self.host.system_df_build_cache())
-        except parse.ParseError as exc:
-            raise BuilderError(f"{self.ref}: {exc}") from exc
+        return parse.parse_engine_build_cache(self.host.system_df_build_cache())
 
     def filesystem(self) -> FilesystemUsage:
-        # The embedded BuildKit keeps its state under <DockerRootDir>/buildkit; its snapshots are the
-        # engine's own layers, on the same filesystem.
-        path = self.host.visible_path(self.root_dir + "/buildkit") or self.host.visible_path(self.root_dir)
+        """The filesystem holding the snapshots: what fills up as the cache grows."""
+        path = self.host.visible_path(self.storage.path) or self.host.visible_path(self.storage.fallback)
         if path is None:
-            raise Unavailable(f"{self.ref}: {self.root_dir} is not visible to this process "
-                              f"(host_root={self.host.host_root!r})")
+            hint = ("; set docker_hosts[].containerd_root if containerd keeps its data elsewhere"
+                    if self.storage.image_store == "containerd" else "")
+            raise Unavailable(f"{self.ref}: {self.storage.path} is not visible to this process "
+                              f"(host_root={self.host.host_root!r}){hint}")
         return fs.statvfs_usage(path)
 
     def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
         params = engine_prune_params(req, self.host.api_version)
         return parse_engine_prune_result(self.host.build_prune(params, timeout))
+
+    def fresh_cache_mounts(self) -> bool:
+        # Measured on 20.10, 26.1 and 28.5 (both image stores): every /system/df marks them used.
+        return True
 
 
 class ContainerBuilder(Builder):
@@ -223,7 +286,7 @@ def discover(host: DockerHost, container_names: Mapping[str, str] | None = None,
     container_names = container_names or {}
     info = info if info is not None else host.info()
     builders: list[Builder] = [
-        EngineBuilder(BuilderRef(host.name, "default", DRIVER_DOCKER), host, info.get("DockerRootDir") or "/var/lib/docker")
+        EngineBuilder(BuilderRef(host.name, "default", DRIVER_DOCKER), host, engine_storage(info, host.containerd_root))
     ]
     volumes = {v["Name"]: v for v in host.volumes(CONTAINER_PREFIX) if v.get("Name", "").endswith(STATE_SUFFIX)}
     claimed: set[str] = set()

@@ -36,6 +36,7 @@ class DockerHostConfig:
     host_root: str | None
     timeout: float = 30.0
     tls: TLSSettings | None = None
+    containerd_root: str | None = None  # None: from the engine's /info (see builders.engine_storage)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ def _docker_hosts(top: Section) -> list[DockerHostConfig]:
                 host_root=s.get("host_root", as_str, "/" if _is_local(url) else None) or None,
                 timeout=s.get("timeout", as_positive_duration, 30.0),
                 tls=tls,
+                containerd_root=s.get("containerd_root", _absolute_path, None),
             )
         )
         s.finish()
@@ -217,6 +219,13 @@ def _docker_url(value: Any) -> str:
     if urlparse(url).scheme not in ("unix", "tcp", "ssh", "http", "https"):
         raise ValueError(f"expected a unix://, tcp:// or ssh:// URL, got {url!r}")
     return url
+
+
+def _absolute_path(value: Any) -> str:
+    path = as_str(value)
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path on the Docker host, got {path!r}")
+    return path
 
 
 def _existing_file(value: Any) -> str:

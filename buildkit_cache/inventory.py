@@ -17,7 +17,8 @@ class Inventory:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.hosts: dict[str, DockerHost] = {
-            h.name: DockerHost(h.name, h.url, timeout=h.timeout, tls=h.tls, host_root=h.host_root)
+            h.name: DockerHost(h.name, h.url, timeout=h.timeout, tls=h.tls, host_root=h.host_root,
+                               containerd_root=h.containerd_root)
             for h in cfg.docker_hosts
         }
         self.remotes: list[RemoteBuilder] = []

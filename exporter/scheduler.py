@@ -77,9 +77,7 @@ class Scheduler:
         self.store.set_host(host, state)
         added, gone = self.store.set_host_builders(host, builders)
         for b in added:
-            log.info("found builder %s (driver %s%s)", b.ref, b.ref.driver,
-                     f", container {b.ref.container}" if b.ref.container else
-                     f", volume {b.ref.volume} without a container" if b.ref.volume else "")
+            log.info("found builder %s (%s)", b.ref, b.describe())
             for m in b.measurements:
                 self.next_due[("measure", *b.ref.key, m)] = 0.0
         for ref in gone:

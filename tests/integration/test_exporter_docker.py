@@ -88,10 +88,30 @@ async def test_engine_builder_bytes_and_counts_per_type_equal_system_df(build_ca
                                  "api_version": version["ApiVersion"]}) == 1
 
 
-async def test_engine_builder_filesystem_equals_statvfs_of_the_engine_root(build_cache):
+def test_engine_records_keep_their_parent_links(build_cache):
+    raw = engine_get(build_cache, "/system/df")["BuildCache"]
+    # API 1.41 says `Parent`; 26.1 and 28.5 say " Parents" (leading space); "Parents" as documented.
+    want = {r["ID"]: tuple(r.get(" Parents") or r.get("Parents") or ([r["Parent"]] if r.get("Parent") else []))
+            for r in raw}
+    assert any(want.values()), "the builds made records with parents"
+    (engine,) = [b for b in Inventory(config_for(build_cache)).discover("test") if b.ref.name == "default"]
+    assert {r.id: r.parents for r in engine.records()} == want
+
+
+def snapshot_dir(dockerd) -> str:
+    """Where this test engine keeps its build cache's bytes, known from how it was started."""
+    if dockerd.engine.containerd_store:
+        return str(dockerd.containerd_root / "io.containerd.snapshotter.v1.overlayfs")
+    return str(dockerd.data_root / "overlay2")
+
+
+async def test_engine_builder_filesystem_is_the_one_holding_the_snapshots(build_cache):
     _, reg = await collect_once(config_for(build_cache))
-    root = engine_get(build_cache, "/info")["DockerRootDir"]
-    st = os.statvfs(root)
+    path = snapshot_dir(build_cache)
+    if build_cache.engine.containerd_store:
+        # The test engine's containerd root is a tmpfs: another filesystem than the data root.
+        assert os.stat(path).st_dev != os.stat(build_cache.data_root / "buildkit").st_dev
+    st = os.statvfs(path)
     L = {"host": "test", "builder": "default"}
     assert reg.get_sample_value("buildkit_cache_filesystem_size_bytes", L) == st.f_blocks * st.f_frsize
     assert reg.get_sample_value("buildkit_cache_filesystem_files", L) == st.f_files
