@@ -18,8 +18,12 @@ class ActuatorMetrics:
         self.alerts = Counter(P + "alerts", "Alerts received, by action and decision.", ["action", "decision"], registry=r)
         self.prunes = Counter(P + "prunes", "Prunes run, by builder, action and result.",
                               ["host", "builder", "action", "result"], registry=r)
-        self.reclaimed = Counter(P + "reclaimed_bytes", "Bytes freed by prunes, as BuildKit reported them.",
-                                 ["host", "builder", "action"], registry=r)
+        self.reclaimed = Counter(P + "reclaimed_bytes", "Bytes of the records prunes deleted, as BuildKit reported "
+                                 "them (records shared with images free no disk).", ["host", "builder", "action"],
+                                 registry=r)
+        self.disk_freed = Counter(P + "disk_freed_bytes", "Bytes that became available on the filesystem holding "
+                                  "the builder's cache across its prunes (statvfs before and after; what df shows).",
+                                  ["host", "builder", "action"], registry=r)
         self.duration = Histogram(P + "prune_duration_seconds", "How long prunes took.", ["action"], registry=r,
                                   buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
         self.in_progress = Gauge(P + "prunes_in_progress", "Prunes running now.", registry=r)

@@ -15,11 +15,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from buildkit_cache.builders import Builder
+from buildkit_cache.builders import FILESYSTEM, Builder
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError
 from buildkit_cache.inventory import Inventory
-from buildkit_cache.models import PruneResult
+from buildkit_cache.models import CacheRecord, PruneResult
 from buildkit_cache.prune_plan import plan_prune
 from buildkit_cache.units import format_bytes
 
@@ -123,15 +123,31 @@ class PruneRunner:
             return None
         return sum(r.size for r in records)
 
+    async def _disk_avail(self, builder: Builder) -> int | None:
+        """Bytes available on the filesystem holding the builder's cache, where it can be seen:
+        what `df` shows, and what a prune really gives back (records shared with images free no disk)."""
+        if FILESYSTEM not in builder.measurements:
+            return None
+        try:
+            usage = await self._thread(builder.filesystem, LOOKUP_TIMEOUT)
+        except (BuilderError, OSError, TimeoutError):
+            return None
+        return usage.avail_bytes
+
     async def _dry_run(self, d: D.Decision, builder: Builder, common: dict, request: dict) -> bool:
         assert d.request is not None
+        req = d.request
+
+        def estimate() -> tuple[list[CacheRecord], list[CacheRecord]]:
+            records = builder.records()
+            return records, plan_prune(records, req, datetime.now(UTC), builder.fresh_cache_mounts())
+
         try:
-            records = await self._thread(builder.records, LOOKUP_TIMEOUT)
+            records, plan = await self._thread(estimate, LOOKUP_TIMEOUT)
         except (BuilderError, TimeoutError) as exc:
             self.audit.record("failed", **common, dry_run=True, reason=f"cannot read the records: {exc or 'timed out'}")
             self.metrics.prunes.labels(d.host, d.builder, common["action"], "failure").inc()
             return False
-        plan = plan_prune(records, d.request, datetime.now(UTC), builder.holds_cache_mounts)
         size = sum(r.size for r in plan)
         log.warning("DRY-RUN would prune %d records, %s, on %s/%s (%s): %s", len(plan), format_bytes(size),
                     d.host, d.builder, common["action"], ", ".join(r.id[:12] for r in plan[:20]) or "nothing")
@@ -145,7 +161,8 @@ class PruneRunner:
         action = common["action"]
         timeout = self.cfg.actuator.prune_timeout
         before = await self._cache_bytes(builder)
-        self.audit.record("started", **common, request=request, cache_bytes=before)
+        disk_before = await self._disk_avail(builder)
+        self.audit.record("started", **common, request=request, cache_bytes=before, disk_avail_bytes=disk_before)
         started = time.monotonic()
         deadline = started + timeout
         deleted = reclaimed = passes = 0
@@ -171,12 +188,18 @@ class PruneRunner:
         # BuildKit releases files slightly after a prune returns: measure again after a pause.
         await asyncio.sleep(self.cfg.actuator.settle_delay)
         after = await self._cache_bytes(builder)
-        freed = before - after if before is not None and after is not None else None
+        disk_after = await self._disk_avail(builder)
+        cache_freed = before - after if before is not None and after is not None else None
+        disk_freed = disk_after - disk_before if disk_before is not None and disk_after is not None else None
         self.audit.record("pruned", **common, request=request, records=deleted, reclaimed_bytes=reclaimed,
-                          passes=passes, cache_bytes_before=before, cache_bytes_after=after, freed_bytes=freed,
+                          passes=passes, cache_bytes_before=before, cache_bytes_after=after, cache_freed_bytes=cache_freed,
+                          disk_avail_bytes_before=disk_before, disk_avail_bytes_after=disk_after,
+                          disk_freed_bytes=disk_freed,
                           duration_seconds=round(time.monotonic() - started, 3))
         self.metrics.prunes.labels(d.host, d.builder, action, "success").inc()
         self.metrics.reclaimed.labels(d.host, d.builder, action).inc(reclaimed)
+        if disk_freed is not None:
+            self.metrics.disk_freed.labels(d.host, d.builder, action).inc(max(disk_freed, 0))
         self.metrics.last_prune.labels(d.host, d.builder, action).set(self.clock())
         return True
 

@@ -14,26 +14,27 @@ sortDeleteRecords):
 
 It is an estimate: BuildKit also holds records no listing reveals (such as a finished session's
 local sources for a while), so the bytes of a keep-storage prune agree closely (BuildKit stops once
-under the target either way) while the exact records may differ. One such hold is known and
-modelled: dockerd's embedded BuildKit (checked on 20.10) keeps every cache mount it has used since
-it started out of reach of a prune without `all`, although `/system/df` shows it neither in use nor
-shared; after a daemon restart they are prunable again (`hold_cache_mounts`).
+under the target either way) while the exact records may differ. One engine behaviour is known and
+modelled (`fresh_cache_mounts`): dockerd's embedded BuildKit (measured on 20.10, 26.1 and 28.5, both
+image stores) marks every `RUN --mount=type=cache` record as used whenever it computes disk usage,
+which every `/system/df` and every keep-storage prune does. At the moment of a prune they therefore
+count as just used: a keep-storage prune takes them last, an `until` prune never, while a prune
+without either (and `all`) takes them. A standalone buildkitd does not (recorded prunes).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from .models import CacheRecord, PruneRequest
 from .usage import is_prunable
 
 
-def _eligible(r: CacheRecord, req: PruneRequest, cutoff: datetime | None, hold_cache_mounts: bool) -> bool:
+def _eligible(r: CacheRecord, req: PruneRequest, cutoff: datetime | None) -> bool:
     if not is_prunable(r, prune_all=req.all):
-        return False
-    if hold_cache_mounts and not req.all and r.record_type == "exec.cachemount":
         return False
     if cutoff is not None and r.last_used_at is not None and r.last_used_at > cutoff:
         return False
@@ -70,15 +71,20 @@ def delete_order(candidates: list[CacheRecord]) -> list[CacheRecord]:
 
 
 def plan_prune(records: Iterable[CacheRecord], req: PruneRequest, now: datetime,
-               hold_cache_mounts: bool = False) -> list[CacheRecord]:
-    """The records a prune with `req` would delete, in the order BuildKit would delete them."""
+               fresh_cache_mounts: bool = False) -> list[CacheRecord]:
+    """The records a prune with `req` would delete, in the order BuildKit would delete them.
+
+    `fresh_cache_mounts`: the builder marks cache mounts used as the prune starts (see above).
+    """
+    if fresh_cache_mounts:
+        records = [replace(r, last_used_at=now) if r.record_type == "exec.cachemount" else r for r in records]
     remaining = {r.id: r for r in records}
     children = Counter(p for r in remaining.values() for p in r.parents)
     cutoff = now - timedelta(seconds=req.keep_duration_seconds) if req.keep_duration_seconds else None
     deleted: list[CacheRecord] = []
 
     def deletable() -> list[CacheRecord]:
-        return [r for r in remaining.values() if children[r.id] == 0 and _eligible(r, req, cutoff, hold_cache_mounts)]
+        return [r for r in remaining.values() if children[r.id] == 0 and _eligible(r, req, cutoff)]
 
     def delete(r: CacheRecord) -> None:
         del remaining[r.id]

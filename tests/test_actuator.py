@@ -153,7 +153,7 @@ async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
     pruned = h.audit_lines()[-1]
     assert pruned["reclaimed_bytes"] == 9441280 + 708608 + 2109440 and pruned["records"] == 3
     assert pruned["cache_bytes_before"] == 44961792 and pruned["cache_bytes_after"] == 0
-    assert pruned["freed_bytes"] == 44961792 and pruned["passes"] == 1
+    assert pruned["cache_freed_bytes"] == 44961792 and pruned["passes"] == 1
     assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
                     result="success") == 1
     assert h.metric("buildkit_cache_actuator_reclaimed_bytes_total", host="h1", builder="kamal",

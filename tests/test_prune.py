@@ -81,12 +81,17 @@ def test_keep_duration_keeps_recently_used_records():
     assert {r.id for r in plan} == {"old", "never-used"}
 
 
-def test_dockerd_holds_cache_mounts_from_a_prune_without_all():
-    records = [rec("mount", 100, age_h=10, rtype="exec.cachemount"), rec("ctx", 50, age_h=1, rtype="source.local")]
-    held = plan_prune(records, PruneRequest(keep_storage=1), NOW, hold_cache_mounts=True)
-    assert [r.id for r in held] == ["ctx"]
-    assert {r.id for r in plan_prune(records, PruneRequest(all=True), NOW, hold_cache_mounts=True)} == {"mount", "ctx"}
-    assert [r.id for r in plan_prune(records, PruneRequest(keep_storage=1), NOW)] == ["mount", "ctx"]
+def test_dockerds_cache_mounts_count_as_just_used_when_it_prunes():
+    records = [rec("mount", 100, age_h=10, rtype="exec.cachemount"), rec("ctx", 50, age_h=1, rtype="source.local"),
+               rec("old", 70, age_h=5, rtype="source.local")]
+    fresh = {"fresh_cache_mounts": True}
+    # keep-storage: the oldest goes first, but the engine's cache mounts go last.
+    assert [r.id for r in plan_prune(records, PruneRequest(keep_storage=101), NOW)] == ["mount", "old"]
+    assert [r.id for r in plan_prune(records, PruneRequest(keep_storage=101), NOW, **fresh)] == ["old", "ctx"]
+    # until: never older than the cut-off; without either, or with all, they are taken.
+    idle = PruneRequest(keep_duration_seconds=3600 * 2)
+    assert [r.id for r in plan_prune(records, idle, NOW, **fresh)] == ["old"]
+    assert {r.id for r in plan_prune(records, PruneRequest(all=True), NOW, **fresh)} == {"mount", "ctx", "old"}
 
 
 def test_engine_params_follow_the_api_version():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -82,6 +83,14 @@ def non_shared_bytes(dockerd) -> int:
     return sum(r["Size"] for r in engine_get(dockerd, "/system/df")["BuildCache"] if not r["Shared"])
 
 
+def disk_avail(dockerd) -> int:
+    """Bytes available on the filesystem holding the engine's snapshots (a tmpfs for containerd's)."""
+    path = (dockerd.containerd_root / "io.containerd.snapshotter.v1.overlayfs" if dockerd.engine.containerd_store
+            else dockerd.data_root / "overlay2")
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 def test_a_firing_prune_to_budget_alert_brings_the_cache_to_its_budget(big_cache, tmp_path):
     dockerd = big_cache
     before = non_shared_bytes(dockerd)
@@ -94,8 +103,10 @@ def test_a_firing_prune_to_budget_alert_brings_the_cache_to_its_budget(big_cache
         pruned = act.events("pruned")[0]
         after = non_shared_bytes(dockerd)
         assert after <= budget
+        # A cap, not a wipe: below API 1.48 max-used-space is ignored and would prune everything.
+        assert after >= budget // 3, f"prune-to-budget left {after} of {before} bytes: not a cap"
         assert pruned["cache_bytes_after"] is not None
-        assert pruned["freed_bytes"] == before - after == pruned["reclaimed_bytes"]
+        assert pruned["cache_freed_bytes"] == before - after == pruned["reclaimed_bytes"]
         text = act.metrics()
         assert value(text, "buildkit_cache_actuator_prunes_total", host="test", builder="default",
                      action="prune-to-budget", result="success") == 1
@@ -148,28 +159,62 @@ def test_a_wrong_token_gets_401_and_the_cache_is_untouched(big_cache, tmp_path):
     assert sorted(r["ID"] for r in after) == sorted(r["ID"] for r in before)
 
 
-def test_a_dry_run_estimate_is_within_10_percent_of_the_real_prune(big_cache, tmp_path):
+IDLE = "  actions:\n    quick-idle: {kind: prune-idle, idle_for: 2s}"
+
+
+@pytest.mark.parametrize(("action", "budget"), [("prune-to-budget", 12_000_000), ("prune-to-budget", 1),
+                                                 ("quick-idle", 12_000_000), ("prune-all", 12_000_000)],
+                         ids=["prune-to-budget", "prune-to-1-byte", "prune-idle", "prune-all"])
+def test_a_dry_run_estimate_is_within_10_percent_of_the_real_prune(big_cache, tmp_path, action, budget):
+    """The engine marks its cache mounts used whenever it measures them: a keep-storage prune takes
+    them last (all of them for a 1-byte budget), an idle prune never, prune-all takes them. An
+    estimate that held them back, or took them as any other record, is off by their size."""
     dockerd = big_cache
-    budget = 12_000_000
-    dry = Actuator(dockerd, tmp_path, budget, dry_run=True)
+    time.sleep(3)  # every record idle for longer than quick-idle's 2s
+    dry = Actuator(dockerd, tmp_path, budget, dry_run=True, extra=IDLE)
     try:
-        assert dry.post(notification("prune-to-budget", "default")) == 200
+        assert dry.post(notification(action, "default")) == 200
         wait_for("the dry run", lambda: dry.events("dry_run"), timeout=60)
     finally:
         dry.stop()
     estimate = dry.events("dry_run")[0]
     assert "DRY-RUN would prune" in dry.svc.output()
     assert estimate["records"] > 0
-    real = Actuator(dockerd, tmp_path, budget)
+    real = Actuator(dockerd, tmp_path, budget, extra=IDLE)
     try:
-        assert real.post(notification("prune-to-budget", "default")) == 200
+        assert real.post(notification(action, "default")) == 200
         wait_for("the prune", lambda: real.events("pruned"), timeout=60)
     finally:
         real.stop()
-    freed = real.events("pruned")[0]["freed_bytes"]
+    freed = real.events("pruned")[0]["cache_freed_bytes"]
     assert freed > 0
-    print(f"dry-run estimate {estimate['bytes']} bytes, real prune freed {freed} bytes")
+    print(f"{dockerd.engine.id} {action}: dry-run estimate {estimate['bytes']} bytes, real prune freed {freed} bytes")
     assert abs(estimate["bytes"] - freed) <= 0.10 * freed, (estimate, freed)
+
+
+def test_the_audit_says_what_the_disk_got_back_beside_what_buildkit_reported(big_cache, tmp_path):
+    """A prune-all deletes records whose layers images still hold: BuildKit reports their bytes as
+    reclaimed, the disk gets none of them back. Users compare the audit trail with df."""
+    dockerd = big_cache
+    act = Actuator(dockerd, tmp_path, 1)
+    try:
+        avail_before = disk_avail(dockerd)
+        assert act.post(notification("prune-all", "default")) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+        avail_after = disk_avail(dockerd)
+        text = act.metrics()
+    finally:
+        act.stop()
+    pruned = act.events("pruned")[0]
+    seen = avail_after - avail_before
+    print(f"{dockerd.engine.id}: BuildKit reported {pruned['reclaimed_bytes']}, the disk got back "
+          f"{pruned['disk_freed_bytes']} (seen by the test: {seen})")
+    assert pruned["disk_avail_bytes_after"] - pruned["disk_avail_bytes_before"] == pruned["disk_freed_bytes"]
+    # What the actuator saw is what df sees, give or take the machine's own writes meanwhile.
+    assert abs(pruned["disk_freed_bytes"] - seen) <= 1_000_000 + 0.1 * abs(seen)
+    assert pruned["disk_freed_bytes"] < pruned["reclaimed_bytes"]
+    assert value(text, "buildkit_cache_actuator_disk_freed_bytes_total", host="test", builder="default",
+                 action="prune-all") == max(pruned["disk_freed_bytes"], 0)
 
 
 def test_prune_all_takes_cache_mounts_and_internal_records_too(big_cache, tmp_path):

@@ -66,7 +66,7 @@ def test_over_budget_cache_is_pruned_by_the_shipped_rules_and_route(big_cache, s
     assert value(text, "buildkit_cache_actuator_prunes_total", host="test", builder="default",
                  action="prune-to-budget", result="success") == 1
     pruned = [e for e in stack.audit() if e["event"] == "pruned"]
-    assert len(pruned) == 1 and pruned[0]["freed_bytes"] > BUDGET
+    assert len(pruned) == 1 and pruned[0]["cache_freed_bytes"] > BUDGET
     # The webhook was authenticated and answered 200 each time.
     assert value(text, "buildkit_cache_actuator_notifications_total", code="401") == 0
     assert value(text, "buildkit_cache_actuator_notifications_total", code="200") >= 2
