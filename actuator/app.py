@@ -3,35 +3,30 @@
 from __future__ import annotations
 
 import json
-import logging
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from buildkit_cache.config import Config
-
 from . import decide as D
-from .audit import AuditLog
+from .audit import Recorder
 from .auth import Credentials
-from .metrics import ActuatorMetrics
 from .payload import PayloadError, parse_notification
-from .runner import PruneRunner
+from .service import ActuatorService
 
-log = logging.getLogger("actuator")
-
-RUNNER: web.AppKey[PruneRunner] = web.AppKey("runner", PruneRunner)
+SERVICE: web.AppKey[ActuatorService] = web.AppKey("service", ActuatorService)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"status": "error", "error": message}, status=status, headers=headers or None)
 
 
-def make_app(cfg: Config, runner: PruneRunner, credentials: Credentials, metrics: ActuatorMetrics,
-             audit: AuditLog) -> web.Application:
-    max_body = cfg.actuator.max_body_bytes
+def make_app(service: ActuatorService, credentials: Credentials, recorder: Recorder, max_body: int) -> web.Application:
+    metrics = recorder.metrics
 
     @web.middleware
-    async def count_outcomes(request: web.Request, handler):
+    async def count_outcomes(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/alerts":
             return await handler(request)
         try:
@@ -42,11 +37,16 @@ def make_app(cfg: Config, runner: PruneRunner, credentials: Credentials, metrics
         metrics.notifications.labels(str(response.status)).inc()
         return response
 
-    async def alerts(request: web.Request) -> web.Response:
-        if credentials.enabled and not credentials.allows(request.headers.get("Authorization")):
-            audit.record("rejected", reason="bad or missing credentials", remote=request.remote or "")
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Only /alerts needs credentials; /healthz and /metrics are for monitoring."""
+        if request.path == "/alerts" and credentials.enabled and not credentials.allows(request.headers.get("Authorization")):
+            recorder.rejected("bad or missing credentials", request.remote or "")
             return _error(401, "unauthorized", **{"WWW-Authenticate": 'Bearer realm="buildkit-cache-actuator"'})
-        if not runner.can_accept():
+        return await handler(request)
+
+    async def alerts(request: web.Request) -> web.Response:
+        if not service.can_accept():
             return _error(503, "not accepting work right now; retry later")
         if request.content_length is not None and request.content_length > max_body:
             return _error(413, f"body over {max_body} bytes")
@@ -59,33 +59,24 @@ def make_app(cfg: Config, runner: PruneRunner, credentials: Credentials, metrics
         except (ValueError, UnicodeDecodeError) as exc:
             # json.JSONDecodeError and PayloadError are ValueErrors.
             what = str(exc) if isinstance(exc, PayloadError) else "body is not JSON"
-            audit.record("rejected", reason=f"bad payload: {what}", remote=request.remote or "")
+            recorder.rejected(f"bad payload: {what}", request.remote or "")
             return _error(400, f"not an Alertmanager webhook payload: {what}")
-        audit.record("received", status=notification.status, receiver=notification.receiver,
-                     group_key=notification.group_key, alerts=len(notification.alerts),
-                     firing=len(notification.firing()))
-        results = []
-        for alert in notification.alerts:
-            d = D.decide(alert, cfg)
-            if d.accepted:
-                d = runner.submit(d)
-            if not d.accepted:
-                metrics.alerts.labels(d.action_name, d.decision).inc()
-                audit.record("skipped", decision=d.decision, reason=d.reason, action=d.action_name,
-                             host=d.host or None, builder=d.builder or None, fingerprint=d.fingerprint)
-            results.append({"fingerprint": d.fingerprint, "decision": d.decision, "reason": d.reason})
-        return web.json_response({"status": "ok", "dry_run": runner.dry_run, "alerts": results})
+        decisions = await service.handle(notification)
+        results = [{"fingerprint": d.fingerprint, "decision": d.decision, "reason": d.reason} for d in decisions]
+        # A Docker host that could not be asked: Alertmanager retries a 5xx (the rest is idempotent).
+        status = 503 if any(d.decision == D.LOOKUP_FAILED for d in decisions) else 200
+        return web.json_response({"status": "ok", "dry_run": service.dry_run, "alerts": results}, status=status)
 
     async def healthz(_request: web.Request) -> web.Response:
-        if not runner.accepting:
+        if not service.accepting:
             return web.Response(status=503, text="shutting down\n")
         return web.Response(text="ok\n")
 
     async def on_cleanup(app: web.Application) -> None:
-        await app[RUNNER].close()
+        await app[SERVICE].close()
 
-    app = web.Application(client_max_size=max_body, middlewares=[count_outcomes])
-    app[RUNNER] = runner
+    app = web.Application(client_max_size=max_body, middlewares=[count_outcomes, authenticate])
+    app[SERVICE] = service
     app.router.add_post("/alerts", alerts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))

@@ -1,4 +1,5 @@
-"""The audit trail: every decision as one JSON line, in the log and, if configured, in a file."""
+"""The audit trail: every decision and every outcome as one JSON line, in the log and, if
+configured, in a file, counted in the actuator's metrics by the same call."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
+
+from buildkit_cache.units import format_bytes
+
+from .decide import Decision
+from .executor import DRY_RUN, SUCCESS, Outcome
+from .metrics import ActuatorMetrics
 
 log = logging.getLogger("actuator.audit")
 
@@ -21,7 +29,9 @@ def _clean(value: Any) -> Any:
 
 
 class AuditLog:
-    def __init__(self, path: str | None = None, clock=time.time):
+    """Appends JSON lines to stderr and, with a path, to a file."""
+
+    def __init__(self, path: str | None = None, clock: Callable[[], float] = time.time):
         self.path = path
         self.clock = clock
         self._lock = threading.Lock()
@@ -40,3 +50,79 @@ class AuditLog:
             with self._lock, open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
         return entry
+
+
+def _request(d: Decision) -> dict[str, Any]:
+    r = d.request
+    if r is None:
+        return {}
+    return {k: v for k, v in (("keep_storage", r.keep_storage), ("all", r.all),
+                              ("keep_duration_seconds", r.keep_duration_seconds)) if v}
+
+
+def _target(d: Decision) -> dict[str, Any]:
+    t = d.target
+    if t is None:
+        return {}
+    return {k: v for k, v in (("driver", t.driver), ("container", t.container), ("address", t.address)) if v}
+
+
+class Recorder:
+    """Each decision and outcome: one audit line and its counters, in one call."""
+
+    def __init__(self, audit: AuditLog, metrics: ActuatorMetrics, clock: Callable[[], float] = time.time):
+        self.audit = audit
+        self.metrics = metrics
+        self.clock = clock
+
+    def rejected(self, reason: str, remote: str) -> None:
+        self.audit.record("rejected", reason=reason, remote=remote)
+
+    def received(self, **fields: Any) -> None:
+        self.audit.record("received", **fields)
+
+    def decision(self, d: Decision) -> None:
+        """An alert's decision: counted; audited unless accepted (its outcome is audited then)."""
+        self.metrics.alerts.labels(d.action_name, d.decision).inc()
+        if not d.accepted:
+            self.audit.record("skipped", decision=d.decision, reason=d.reason, action=d.action_name,
+                              host=d.host or None, builder=d.builder or None, fingerprint=d.fingerprint)
+
+    def started(self, d: Decision, cache_bytes: int | None, disk_avail_bytes: int | None) -> None:
+        self.audit.record("started", **self._common(d), request=_request(d), cache_bytes=cache_bytes,
+                          disk_avail_bytes=disk_avail_bytes)
+
+    def outcome(self, d: Decision, o: Outcome) -> None:
+        """A prune's or dry run's outcome: its audit line, `prunes_total` and the byte counters."""
+        labels = (d.host, d.builder, d.action_name)
+        self.metrics.prunes.labels(*labels, o.result).inc()
+        common = self._common(d)
+        if o.result == DRY_RUN:
+            log.warning("DRY-RUN would prune %d records, %s, on %s/%s (%s): %s", o.records,
+                        format_bytes(o.reclaimed_bytes), d.host, d.builder, d.action_name,
+                        ", ".join(r.id[:12] for r in o.planned[:20]) or "nothing")
+            self.audit.record("dry_run", **common, request=_request(d), records=o.records, bytes=o.reclaimed_bytes,
+                              cache_bytes=o.cache_bytes_before, record_ids=[r.id for r in o.planned[:100]])
+            return
+        if o.result != SUCCESS:
+            if o.passes:
+                self.metrics.duration.labels(d.action_name).observe(o.duration_seconds)
+            self.audit.record("failed", **common, reason=o.reason, passes=o.passes or None, records=o.records,
+                              reclaimed_bytes=o.reclaimed_bytes)
+            return
+        self.metrics.duration.labels(d.action_name).observe(o.duration_seconds)
+        self.metrics.reclaimed.labels(*labels).inc(o.reclaimed_bytes)
+        if o.disk_freed_bytes is not None:
+            self.metrics.disk_freed.labels(*labels).inc(max(o.disk_freed_bytes, 0))
+        self.metrics.last_prune.labels(*labels).set(self.clock())
+        self.audit.record("pruned", **common, request=_request(d), records=o.records,
+                          reclaimed_bytes=o.reclaimed_bytes, passes=o.passes,
+                          cache_bytes_before=o.cache_bytes_before, cache_bytes_after=o.cache_bytes_after,
+                          cache_freed_bytes=o.cache_freed_bytes, disk_avail_bytes_before=o.disk_avail_before,
+                          disk_avail_bytes_after=o.disk_avail_after, disk_freed_bytes=o.disk_freed_bytes,
+                          duration_seconds=round(o.duration_seconds, 3))
+
+    @staticmethod
+    def _common(d: Decision) -> dict[str, Any]:
+        return {"host": d.host, "builder": d.builder, "action": d.action_name, **_target(d),
+                "fingerprint": d.fingerprint}

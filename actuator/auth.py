@@ -7,7 +7,7 @@ import hmac
 import ssl
 from dataclasses import dataclass
 
-from buildkit_cache.config import AuthConfig, ServerTLSConfig
+from buildkit_cache.config import AuthConfig, ServerTLS
 
 
 class AuthSetupError(ValueError):
@@ -58,14 +58,13 @@ class Credentials:
 def load_credentials(auth: AuthConfig) -> Credentials:
     token = _read_secret(auth.bearer_token_file, "actuator.auth.bearer_token_file") if auth.bearer_token_file else None
     user = password = None
-    if auth.basic_username:
-        assert auth.basic_password_file
-        user = auth.basic_username.encode()
-        password = _read_secret(auth.basic_password_file, "actuator.auth.basic_auth.password_file")
+    if auth.basic_auth:
+        user = auth.basic_auth.username.encode()
+        password = _read_secret(auth.basic_auth.password_file, "actuator.auth.basic_auth.password_file")
     return Credentials(token, user, password)
 
 
-def server_ssl_context(tls: ServerTLSConfig) -> ssl.SSLContext:
+def server_ssl_context(tls: ServerTLS) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(tls.cert_file, tls.key_file)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 
-from aiohttp import web
-
 from buildkit_cache import __version__
-from buildkit_cache.cli_support import Exit, load_config, print_effective_config
+from buildkit_cache.cli_support import Exit, load_config, print_effective_config, serve
 from buildkit_cache.inventory import Inventory
 
 from .app import make_app
-from .audit import AuditLog
+from .audit import AuditLog, Recorder
 from .auth import AuthSetupError, load_credentials, server_ssl_context
 from .metrics import ActuatorMetrics
-from .runner import PruneRunner
+from .service import ActuatorService
 
 log = logging.getLogger("actuator")
 PROG = "buildkit-cache-actuator"
@@ -81,28 +77,12 @@ def main(argv: list[str] | None = None) -> int:
               "actuator.auth.basic_auth, or pass --insecure-no-auth", file=sys.stderr)
         return 2
     dry_run = args.dry_run or cfg.actuator.dry_run
-    try:
-        asyncio.run(_serve(cfg, host, port, credentials, audit, dry_run, ssl_context))
-    except OSError as exc:
-        print(f"{prog}: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def _serve(cfg, host, port, credentials, audit, dry_run, ssl_context) -> None:
-    metrics = ActuatorMetrics(list(cfg.actuator.actions))
-    runner = PruneRunner(cfg, Inventory(cfg), metrics, audit, dry_run=dry_run)
-    app = make_app(cfg, runner, credentials, metrics, audit)
-    web_runner = web.AppRunner(app, access_log=None)
-    await web_runner.setup()
-    await web.TCPSite(web_runner, host, port, ssl_context=ssl_context).start()
-    log.info("listening on %s://%s:%d%s; actions: %s; cooldown %gs%s", "https" if ssl_context else "http", host, port,
-             "" if credentials.enabled else " WITHOUT AUTHENTICATION", ", ".join(sorted(cfg.actuator.actions)),
-             cfg.actuator.cooldown, "; DRY-RUN: nothing will be pruned" if dry_run else "")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: waiting for running prunes")
-    await web_runner.cleanup()
+    metrics = ActuatorMetrics(list(cfg.actuator.enabled_actions))
+    recorder = Recorder(audit, metrics)
+    service = ActuatorService(cfg, Inventory(cfg), recorder, dry_run=dry_run)
+    app = make_app(service, credentials, recorder, cfg.actuator.max_body)
+    started = "listening on {}://{}:{}{}; actions: {}; cooldown {:g}s{}".format(
+        "https" if ssl_context else "http", host, port, "" if credentials.enabled else " WITHOUT AUTHENTICATION",
+        ", ".join(sorted(cfg.actuator.enabled_actions)), cfg.actuator.cooldown,
+        "; DRY-RUN: nothing will be pruned" if dry_run else "")
+    return serve(app, PROG, (host, port), started, ssl_context)

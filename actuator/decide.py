@@ -1,16 +1,20 @@
-"""What an alert asks for and whether the config allows it. Pure functions, no I/O.
+"""What an alert asks for, whether it may run, and the claim that makes it once per incident.
 
-An alert names its action with the `buildkit_action` label and its builder with the `host` and
-`builder` labels the exporter's series carry. Only names found in the config are ever used: no
-label value becomes an argument of anything.
+The one place an alert's decision is settled: `decide()` is a pure function of the alert, the
+config and the builders the Docker hosts have now; `Claims` adds the two rules that depend on what
+ran before (a repeat while queued or running, a repeat within the cooldown) and claims what it
+accepts. An alert names its action with the `buildkit_action` label and its builder with the `host`
+and `builder` labels of the exporter's series. Only names found in the config or on the hosts are
+ever used: no label value becomes an argument of anything.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from buildkit_cache.config import ActionConfig, Config
-from buildkit_cache.models import PruneRequest
+from buildkit_cache.models import BuilderRef, PruneRequest
 
 from .payload import Alert
 
@@ -27,19 +31,35 @@ NO_BUDGET = "no_budget"
 COOLDOWN = "cooldown"
 BUSY = "duplicate_in_progress"
 UNKNOWN_BUILDER = "unknown_builder"
+LOOKUP_FAILED = "builder_lookup_failed"  # the Docker host could not be asked: answered 503, retried
 DECISIONS = (ACCEPTED, RESOLVED, NO_ACTION, UNKNOWN_ACTION, MISSING_BUILDER, NOT_ALLOWED, NO_BUDGET,
-             COOLDOWN, BUSY, UNKNOWN_BUILDER)
+             COOLDOWN, BUSY, UNKNOWN_BUILDER, LOOKUP_FAILED)
+
+
+@dataclass(frozen=True)
+class Action:
+    """A configured action, by its name."""
+
+    name: str
+    kind: str
+    idle_for: float | None = None
+
+    @classmethod
+    def of(cls, name: str, cfg: ActionConfig) -> Action:
+        assert cfg.kind is not None
+        return cls(name, cfg.kind, cfg.idle_for)
 
 
 @dataclass(frozen=True)
 class Decision:
     decision: str
     reason: str
-    action: ActionConfig | None = None
+    action: Action | None = None
     host: str = ""
     builder: str = ""
     request: PruneRequest | None = None
     fingerprint: str = ""
+    target: BuilderRef | None = None  # the builder an accepted decision acts on
 
     @property
     def accepted(self) -> bool:
@@ -50,41 +70,90 @@ class Decision:
         """The action's configured name, or 'unknown': never an unvetted label value."""
         return self.action.name if self.action else "unknown"
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.host, self.builder, self.action_name)
 
-def prune_request(action: ActionConfig, budget: int | None) -> PruneRequest:
+
+def prune_request(action: Action, budget: int | None) -> PruneRequest:
     if action.kind == "prune-to-budget":
         assert budget is not None
         return PruneRequest(keep_storage=budget)
     if action.kind == "prune-idle":
-        return PruneRequest(keep_duration_seconds=action.idle_for)
+        return PruneRequest(keep_duration_seconds=action.idle_for or 0.0)
     return PruneRequest(all=True)
 
 
-def decide(alert: Alert, cfg: Config) -> Decision:
-    """The decision for one alert, before cooldowns and before looking the builder up."""
+def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], BuilderRef] | None) -> Decision:
+    """The decision for one alert, before claims. `builders`: the builders the hosts have now, by
+    their (host, builder) labels; None when the alert's host could not be asked (not decided here)."""
     fp = alert.fingerprint
     if not alert.firing:
         return Decision(RESOLVED, "the alert is resolved; nothing to prune", fingerprint=fp)
     name = alert.labels.get(ACTION_LABEL)
     if not name:
         return Decision(NO_ACTION, f"the alert has no {ACTION_LABEL} label", fingerprint=fp)
-    action = cfg.actuator.actions.get(name)
-    if action is None:
+    actions = cfg.actuator.enabled_actions
+    if name not in actions:
         return Decision(UNKNOWN_ACTION, f"unknown action {name[:64]!r}; configured actions: "
-                        f"{', '.join(sorted(cfg.actuator.actions))}", fingerprint=fp)
+                        f"{', '.join(sorted(actions))}", fingerprint=fp)
+    action = Action.of(name, actions[name])
     host, builder = alert.labels.get("host", ""), alert.labels.get("builder", "")
     if not host or not builder:
         return Decision(MISSING_BUILDER, "the alert needs host and builder labels", action, fingerprint=fp)
-    bcfg = cfg.builders.get(builder)
-    if bcfg is not None and bcfg.actions is not None and name not in bcfg.actions:
+    settings = cfg.settings_for(host, builder)
+    if settings is not None and settings.actions is not None and name not in settings.actions:
         return Decision(NOT_ALLOWED, f"builders.{builder}.actions does not allow {name}", action, host, builder,
                         fingerprint=fp)
-    budget = bcfg.budget if bcfg else None
+    budget = settings.budget if settings else None
     if action.kind == "prune-to-budget" and budget is None:
-        return Decision(NO_BUDGET, f"{name} needs builders.{builder}.budget", action, host, builder, fingerprint=fp)
-    return Decision(ACCEPTED, "accepted", action, host, builder, prune_request(action, budget), fingerprint=fp)
+        return Decision(NO_BUDGET, f"{name} needs a budget for {builder}", action, host, builder, fingerprint=fp)
+    if builders is None:
+        return Decision(LOOKUP_FAILED, f"cannot list the builders of host {host[:64]!r} right now", action, host,
+                        builder, fingerprint=fp)
+    target = builders.get((host, builder))
+    if target is None:
+        return Decision(UNKNOWN_BUILDER, f"no builder {builder[:64]!r} on host {host[:64]!r}", action, host, builder,
+                        fingerprint=fp)
+    return Decision(ACCEPTED, "accepted", action, host, builder, prune_request(action, budget), fp, target)
 
 
 def in_cooldown(last_started: float | None, now: float, cooldown: float) -> bool:
     """Whether a (builder, action) that last started at `last_started` must wait."""
     return last_started is not None and now - last_started < cooldown
+
+
+class Claims:
+    """Once per incident: what is queued or running, and when each (builder, action) last started.
+
+    `settle` is synchronous and runs on the event loop, so the check and the claim that follows it
+    cannot interleave: of 50 copies of a notification arriving together, one is accepted.
+    """
+
+    def __init__(self, cooldown: float, clock: Callable[[], float]):
+        self.cooldown = cooldown
+        self.clock = clock
+        self.active: set[tuple[str, str, str]] = set()
+        self.last_started: dict[tuple[str, str, str], float] = {}
+
+    def settle(self, d: Decision) -> Decision:
+        """An accepted decision claimed, or turned into a busy or cooldown skip."""
+        if not d.accepted:
+            return d
+        if d.key in self.active:
+            return replace(d, decision=BUSY, reason="the same prune is already queued or running")
+        now, last = self.clock(), self.last_started.get(d.key)
+        if in_cooldown(last, now, self.cooldown):
+            assert last is not None
+            return replace(d, decision=COOLDOWN,
+                           reason=f"{d.action_name} ran on {d.host}/{d.builder} {now - last:.0f}s ago; "
+                                  f"cooldown ends in {self.cooldown - (now - last):.0f}s")
+        self.active.add(d.key)
+        self.last_started[d.key] = now
+        return d
+
+    def release(self, d: Decision, ran: bool) -> None:
+        """The claim's run is over. One that pruned nothing leaves no cooldown: retry at once."""
+        self.active.discard(d.key)
+        if not ran:
+            self.last_started.pop(d.key, None)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .decide import DECISIONS
 
 P = "buildkit_cache_actuator_"
-RESULTS = ("success", "failure", "timeout", "dry_run")
 
 
 class ActuatorMetrics:
@@ -35,3 +36,6 @@ class ActuatorMetrics:
         for a in [*action_names, "unknown"]:
             for d in DECISIONS:
                 self.alerts.labels(a, d)
+
+    def track_in_progress(self, running: Callable[[], int]) -> None:
+        self.in_progress.set_function(lambda: float(running()))

@@ -8,14 +8,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from . import parse
+from .config import BuildkitdTLS
 from .docker_api import DockerHost
 from .errors import CommandFailed, Unavailable
 from .models import CacheRecord, PruneRequest, PruneResult, WorkerInfo
-from .prune_args import buildctl_prune_args, prune_result_from_records
+from .prune_api import buildctl_prune_args, prune_result_from_records
 
 
 class Runner(Protocol):
@@ -34,19 +34,11 @@ class ContainerBuildctl:
         return self.host.exec_checked(self.container, ["buildctl", *args], timeout)
 
 
-@dataclass(frozen=True)
-class RemoteTLS:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_name: str | None = None
-
-
 class LocalBuildctl:
     """A local `buildctl --addr tcp://...` for a remote buildkitd."""
 
     def __init__(self, address: str, binary: str = "buildctl", timeout: float = 60.0,
-                 tls: RemoteTLS | None = None):
+                 tls: BuildkitdTLS | None = None):
         self.address = address
         self.binary = binary
         self.timeout = timeout
@@ -103,7 +95,7 @@ class BuildctlClient:
                 self._json_du = False
         return parse.parse_buildctl_du_verbose(self.run(["du", "-v"]))
 
-    def workers(self) -> WorkerInfo:
+    def debug_workers(self) -> WorkerInfo:
         if self._json_workers:
             try:
                 return parse.parse_debug_workers_json(self.run(["debug", "workers", "--format", "json"]))

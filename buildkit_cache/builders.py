@@ -23,7 +23,7 @@ from .models import (
     TreeUsage,
     WorkerInfo,
 )
-from .prune_args import engine_prune_params, parse_engine_prune_result
+from .prune_api import engine_prune_params, parse_engine_prune_result
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ STATE_DIR = "/var/lib/buildkit"  # where buildx mounts the state volume in the b
 
 # Names of the measurements, as they appear in the `measurement` label.
 RECORDS = "records"
-WORKERS = "gc_policy"
+GC_POLICY = "gc_policy"
 STATE_VOLUME = "state_volume"
 FILESYSTEM = "filesystem"
 
@@ -67,7 +67,7 @@ class Builder:
     def records(self) -> list[CacheRecord]:
         raise BuilderError(f"{self.ref}: records are not available for this builder")
 
-    def workers(self) -> WorkerInfo:
+    def gc_policy(self) -> WorkerInfo:
         raise BuilderError(f"{self.ref}: this builder does not reveal its GC policy")
 
     def state_usage(self) -> TreeUsage:
@@ -84,14 +84,6 @@ class Builder:
         """Whether the builder marks its cache mounts used whenever it measures them, so that a
         prune sees them as just used (see prune_plan)."""
         return False
-
-    def measure(self, measurement: str) -> Any:
-        return {
-            RECORDS: self.records,
-            WORKERS: self.workers,
-            STATE_VOLUME: self.state_usage,
-            FILESYSTEM: self.filesystem,
-        }[measurement]()
 
 
 @dataclass(frozen=True)
@@ -187,7 +179,7 @@ class ContainerBuilder(Builder):
         self.state_dir = state_dir
         self.buildctl = BuildctlClient(ContainerBuildctl(host, ref.container)) if ref.container else None
         if ref.container:
-            self.measurements = (RECORDS, WORKERS, STATE_VOLUME, FILESYSTEM)
+            self.measurements = (RECORDS, GC_POLICY, STATE_VOLUME, FILESYSTEM)
         else:
             self.measurements = (STATE_VOLUME, FILESYSTEM)
 
@@ -197,16 +189,10 @@ class ContainerBuilder(Builder):
         return self.buildctl
 
     def records(self) -> list[CacheRecord]:
-        try:
-            return self._client().du()
-        except parse.ParseError as exc:
-            raise BuilderError(f"{self.ref}: {exc}") from exc
+        return self._client().du()
 
-    def workers(self) -> WorkerInfo:
-        try:
-            return self._client().workers()
-        except parse.ParseError as exc:
-            raise BuilderError(f"{self.ref}: {exc}") from exc
+    def gc_policy(self) -> WorkerInfo:
+        return self._client().debug_workers()
 
     def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
         return self._client().prune(req, timeout)
@@ -234,32 +220,23 @@ class ContainerBuilder(Builder):
         df_k, sep, df_i = out.partition("---")
         if not sep:
             raise BuilderError(f"{self.ref}: unexpected df output {out[:200]!r}")
-        try:
-            return parse.parse_df(df_k, df_i)
-        except parse.ParseError as exc:
-            raise BuilderError(f"{self.ref}: {exc}") from exc
+        return parse.parse_df(df_k, df_i)
 
 
 class RemoteBuilder(Builder):
     """A buildkitd reached by address (tcp://, unix://) with a local buildctl."""
 
-    measurements = (RECORDS, WORKERS)
+    measurements = (RECORDS, GC_POLICY)
 
     def __init__(self, ref: BuilderRef, buildctl: LocalBuildctl):
         super().__init__(ref)
         self.client = BuildctlClient(buildctl)
 
     def records(self) -> list[CacheRecord]:
-        try:
-            return self.client.du()
-        except parse.ParseError as exc:
-            raise BuilderError(f"{self.ref}: {exc}") from exc
+        return self.client.du()
 
-    def workers(self) -> WorkerInfo:
-        try:
-            return self.client.workers()
-        except parse.ParseError as exc:
-            raise BuilderError(f"{self.ref}: {exc}") from exc
+    def gc_policy(self) -> WorkerInfo:
+        return self.client.debug_workers()
 
     def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
         return self.client.prune(req, timeout)

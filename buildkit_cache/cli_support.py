@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import ssl
 import sys
 
 import yaml
+from aiohttp import web
 
-from .config import Config, ConfigError, as_dict, load
-from .config_schema import as_listen
+from .config import LISTEN, Config, ConfigError, as_dict, load
 
 
 class Exit(Exception):
@@ -23,7 +25,7 @@ def load_config(prog: str, path: str | None, listen_flag: str | None, default_li
     """The config and the address to listen on (`--listen`, else the config's `default_listen` key)."""
     try:
         cfg = load(path, docker_hosts)
-        listen = as_listen(listen_flag) if listen_flag else getattr(cfg, default_listen).listen
+        listen = LISTEN.read(listen_flag) if listen_flag else getattr(cfg, default_listen).listen
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         raise Exit(2) from None
@@ -35,3 +37,25 @@ def load_config(prog: str, path: str | None, listen_flag: str | None, default_li
 
 def print_effective_config(cfg: Config) -> None:
     sys.stdout.write(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+
+
+def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str,
+          ssl_context: ssl.SSLContext | None = None) -> int:
+    """Run an aiohttp app until SIGTERM or SIGINT, with a graceful shutdown; the exit code."""
+    log = logging.getLogger(prog)
+
+    async def announce(_app: web.Application) -> None:
+        log.info("%s", started)
+
+    async def goodbye(_app: web.Application) -> None:
+        log.info("shutting down")
+
+    app.on_startup.append(announce)
+    app.on_shutdown.append(goodbye)
+    try:
+        web.run_app(app, host=listen[0], port=listen[1], ssl_context=ssl_context, access_log=None, print=None,
+                    shutdown_timeout=30.0)
+    except OSError as exc:
+        print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

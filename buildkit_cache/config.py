@@ -1,217 +1,43 @@
-"""The one YAML config file the exporter and the actuator share, read into frozen values."""
+"""The one YAML config file the exporter and the actuator share: its model, with every key's type
+and default written once here, read and written back by `config_reader`."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
 
-from .buildctl import RemoteTLS
-from .config_schema import (
-    ConfigError,
-    Section,
-    as_bool,
-    as_duration,
-    as_listen,
-    as_positive_duration,
-    as_size,
-    as_str,
-)
-from .docker_api import TLSSettings, default_docker_url, host_label
-from .units import format_duration
+from .config_reader import ConfigError, Invalid, Kind, Reader, as_str, internal, setting, write
+from .units import format_duration, parse_duration, parse_size
 
 ACTION_KINDS = ("prune-to-budget", "prune-idle", "prune-all")
-DEFAULT_EXPORTER_LISTEN = ("0.0.0.0", 9862)
-DEFAULT_ACTUATOR_LISTEN = ("127.0.0.1", 9863)
+CONTAINER_PREFIX = "buildx_buildkit_"
+
+# -- kinds of scalar ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DockerHostConfig:
-    url: str
-    name: str
-    host_root: str | None
-    timeout: float = 30.0
-    tls: TLSSettings | None = None
-    containerd_root: str | None = None  # None: from the engine's /info (see builders.engine_storage)
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration above zero, got {value!r}")
+    return seconds
 
 
-@dataclass(frozen=True)
-class BuilderConfig:
-    name: str
-    budget: int | None = None
-    container: str | None = None
-    address: str | None = None  # set for a remote buildkitd
-    host: str | None = None  # host label of a remote builder
-    tls: RemoteTLS | None = None
-    actions: tuple[str, ...] | None = None  # None: every configured action is allowed
+def _listen(value: Any) -> tuple[str, int]:
+    """'host:port', ':port' or '[::1]:port'."""
+    text = as_str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port such as 127.0.0.1:9862, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
-@dataclass(frozen=True)
-class Intervals:
-    discovery: float = 30.0
-    records: float = 30.0
-    gc_policy: float = 300.0
-    filesystem: float = 30.0
-    state_volume: float = 300.0
-
-
-@dataclass(frozen=True)
-class ExporterConfig:
-    listen: tuple[str, int] = DEFAULT_EXPORTER_LISTEN
-    timeout: float = 60.0
-    buildctl: str = "buildctl"
-    intervals: Intervals = Intervals()
-    idle_windows: tuple[float, ...] = (3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0)
-
-
-@dataclass(frozen=True)
-class ActionConfig:
-    name: str
-    kind: str
-    idle_for: float = 0.0
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    bearer_token_file: str | None = None
-    basic_username: str | None = None
-    basic_password_file: str | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.bearer_token_file or self.basic_username)
-
-
-@dataclass(frozen=True)
-class ServerTLSConfig:
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-
-
-def _default_actions() -> dict[str, ActionConfig]:
-    return {
-        "prune-to-budget": ActionConfig("prune-to-budget", "prune-to-budget"),
-        "prune-idle": ActionConfig("prune-idle", "prune-idle", idle_for=7 * 86400.0),
-        "prune-all": ActionConfig("prune-all", "prune-all"),
-    }
-
-
-@dataclass(frozen=True)
-class ActuatorConfig:
-    listen: tuple[str, int] = DEFAULT_ACTUATOR_LISTEN
-    auth: AuthConfig = AuthConfig()
-    tls: ServerTLSConfig | None = None
-    cooldown: float = 3600.0
-    dry_run: bool = False
-    prune_timeout: float = 600.0
-    settle_delay: float = 2.0
-    max_body_bytes: int = 1024 * 1024
-    audit_log: str | None = None
-    actions: dict[str, ActionConfig] = field(default_factory=_default_actions)
-
-
-@dataclass(frozen=True)
-class Config:
-    docker_hosts: tuple[DockerHostConfig, ...]
-    builders: dict[str, BuilderConfig] = field(default_factory=dict)
-    exporter: ExporterConfig = ExporterConfig()
-    actuator: ActuatorConfig = ActuatorConfig()
-    source: str = "(defaults)"
-
-    def budget_for(self, builder: str) -> int | None:
-        b = self.builders.get(builder)
-        return b.budget if b else None
-
-    def container_names(self) -> dict[str, str]:
-        return {b.container: b.name for b in self.builders.values() if b.container}
-
-    def remote_builders(self) -> list[BuilderConfig]:
-        return [b for b in self.builders.values() if b.address]
-
-
-def default_host(url: str | None = None) -> DockerHostConfig:
-    url = url or default_docker_url()
-    return DockerHostConfig(url=url, name=host_label(url), host_root="/" if _is_local(url) else None)
-
-
-def _is_local(url: str) -> bool:
-    return urlparse(url).scheme in ("unix", "")
-
-
-def load(path: str | None, docker_hosts: list[str] | None = None) -> Config:
-    """Read the config file (None: defaults). `docker_hosts` from the command line replace the file's."""
-    if path is None:
-        data: Any = {}
-        source = "(defaults)"
-    else:
-        source = path
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(data, source, docker_hosts)
-
-
-def parse_config(data: Any, source: str = "config", docker_hosts: list[str] | None = None) -> Config:
-    top = Section(data, "", source)
-    hosts = tuple(_docker_hosts(top))
-    if docker_hosts:
-        hosts = tuple(default_host(u) for u in docker_hosts)
-    if not hosts:
-        hosts = (default_host(),)
-    names = [h.name for h in hosts]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise ConfigError(f"{source}: docker_hosts: two hosts are named {dup!r}; give each a distinct name")
-    exporter = _exporter(top.section("exporter"))
-    actuator = _actuator(top.section("actuator"))
-    builders = {name: _builder(name, s, actuator) for name, s in top.items("builders")}
-    top.finish()
-    return Config(docker_hosts=hosts, builders=builders, exporter=exporter, actuator=actuator, source=source)
-
-
-def _docker_hosts(top: Section) -> list[DockerHostConfig]:
-    hosts = []
-    for where, raw in top.list("docker_hosts"):
-        if isinstance(raw, str):
-            raw = {"url": raw}
-        s = Section(raw, where, top.source)
-        url = s.get("url", _docker_url, what="the Docker URL, e.g. unix:///var/run/docker.sock")
-        tls = None
-        if s.has("tls"):
-            t = s.section("tls")
-            tls = TLSSettings(
-                ca_file=t.get("ca_file", _existing_file, None),
-                cert_file=t.get("cert_file", _existing_file, None),
-                key_file=t.get("key_file", _existing_file, None),
-                verify=t.get("verify", as_bool, True),
-            )
-            t.finish()
-            if bool(tls.cert_file) != bool(tls.key_file):
-                raise t.error("cert_file and key_file go together", None)
-        hosts.append(
-            DockerHostConfig(
-                url=url,
-                name=s.get("name", as_str, host_label(url)),
-                # "" says "not visible here": measure inside builder containers instead.
-                host_root=s.get("host_root", as_str, "/" if _is_local(url) else None) or None,
-                timeout=s.get("timeout", as_positive_duration, 30.0),
-                tls=tls,
-                containerd_root=s.get("containerd_root", _absolute_path, None),
-            )
-        )
-        s.finish()
-    return hosts
+def _write_listen(v: tuple[str, int]) -> str:
+    return f"[{v[0]}]:{v[1]}" if ":" in v[0] else f"{v[0]}:{v[1]}"
 
 
 def _docker_url(value: Any) -> str:
@@ -221,11 +47,11 @@ def _docker_url(value: Any) -> str:
     return url
 
 
-def _absolute_path(value: Any) -> str:
-    path = as_str(value)
-    if not path.startswith("/"):
-        raise ValueError(f"expected an absolute path on the Docker host, got {path!r}")
-    return path
+def _buildkit_address(value: Any) -> str:
+    addr = as_str(value)
+    if urlparse(addr).scheme not in ("tcp", "unix", "docker-container", "kube-pod", "ssh"):
+        raise ValueError(f"expected a buildkitd address such as tcp://host:1234, got {addr!r}")
+    return addr
 
 
 def _existing_file(value: Any) -> str:
@@ -235,177 +61,320 @@ def _existing_file(value: Any) -> str:
     return path
 
 
-def _exporter(s: Section) -> ExporterConfig:
-    d = ExporterConfig()
-    iv = s.section("intervals")
-    intervals = Intervals(
-        **{f.name: iv.get(f.name, as_positive_duration, getattr(d.intervals, f.name))
-           for f in dataclasses.fields(Intervals)}
-    )
-    iv.finish()
-    windows = tuple(sorted({_window(where, v, s) for where, v in s.list("idle_windows")})) or d.idle_windows
-    out = ExporterConfig(
-        listen=s.get("listen", as_listen, d.listen),
-        timeout=s.get("timeout", as_positive_duration, d.timeout),
-        buildctl=s.get("buildctl", as_str, d.buildctl),
-        intervals=intervals,
-        idle_windows=windows,
-    )
-    s.finish()
-    return out
+def _absolute_path(value: Any) -> str:
+    path = as_str(value)
+    if not path.startswith("/"):
+        raise ValueError(f"expected an absolute path on the Docker host, got {path!r}")
+    return path
 
 
-def _window(where: str, value: Any, s: Section) -> float:
-    try:
-        return as_positive_duration(value)
-    except ValueError as exc:
-        raise ConfigError(f"{s.source}: {where}: {exc}") from None
-
-
-def _builder(name: str, s: Section, actuator: ActuatorConfig) -> BuilderConfig:
-    address = s.get("address", _buildkit_address, None)
-    tls = None
-    if s.has("tls"):
-        t = s.section("tls")
-        tls = RemoteTLS(
-            ca_file=t.get("ca_file", _existing_file, None),
-            cert_file=t.get("cert_file", _existing_file, None),
-            key_file=t.get("key_file", _existing_file, None),
-            server_name=t.get("server_name", as_str, None),
-        )
-        t.finish()
-    actions = None
-    if s.has("actions"):
-        actions = []
-        for where, v in s.list("actions"):
-            if v not in actuator.actions:
-                raise ConfigError(f"{s.source}: {where}: unknown action {v!r}; "
-                                  f"actions are: {', '.join(sorted(actuator.actions))}")
-            actions.append(v)
-        actions = tuple(actions)
-    out = BuilderConfig(
-        name=name,
-        budget=s.get("budget", as_size, None),
-        container=s.get("container", as_str, None),
-        address=address,
-        host=s.get("host", as_str, None),
-        tls=tls,
-        actions=actions,
-    )
-    if out.container and not out.container.startswith("buildx_buildkit_"):
-        raise s.error(f"expected a buildx builder container name (buildx_buildkit_...), got {out.container!r}",
-                      "container")
-    if out.address and out.container:
-        raise s.error("a builder has either an address (remote buildkitd) or a container, not both", None)
-    if out.host and not out.address:
-        raise s.error("host names a remote builder's host label; it needs address", "host")
-    if out.tls and not out.address:
-        raise s.error("tls applies to a remote builder; it needs address", "tls")
-    s.finish()
-    if out.address and not out.host:
-        out = dataclasses.replace(out, host=urlparse(out.address).hostname or "remote")
-    return out
-
-
-def _buildkit_address(value: Any) -> str:
-    addr = as_str(value)
-    if urlparse(addr).scheme not in ("tcp", "unix", "docker-container", "kube-pod", "ssh"):
-        raise ValueError(f"expected a buildkitd address such as tcp://host:1234, got {addr!r}")
-    return addr
-
-
-def _actuator(s: Section) -> ActuatorConfig:
-    d = ActuatorConfig()
-    auth_s = s.section("auth")
-    basic = auth_s.section("basic_auth") if auth_s.has("basic_auth") else None
-    auth = AuthConfig(
-        # Secret files are read (and checked) by the actuator when it starts: the exporter shares
-        # this file and need not have them.
-        bearer_token_file=auth_s.get("bearer_token_file", as_str, None),
-        basic_username=basic.get("username", as_str) if basic else None,
-        basic_password_file=basic.get("password_file", as_str) if basic else None,
-    )
-    if basic:
-        basic.finish()
-    auth_s.finish()
-    tls = None
-    if s.has("tls"):
-        t = s.section("tls")
-        tls = ServerTLSConfig(
-            cert_file=t.get("cert_file", as_str),
-            key_file=t.get("key_file", as_str),
-            client_ca_file=t.get("client_ca_file", as_str, None),
-        )
-        t.finish()
-    actions = _default_actions()
-    for name, a in s.items("actions"):
-        default = actions.get(name)
-        kind = a.get("kind", as_str, default.kind if default else _MISSING_KIND)
-        if kind is _MISSING_KIND:
-            raise a.error(f"is required for a new action: one of {', '.join(ACTION_KINDS)}", "kind")
-        if kind not in ACTION_KINDS:
-            raise a.error(f"expected one of {', '.join(ACTION_KINDS)}, got {kind!r}", "kind")
-        idle_default = default.idle_for if default and default.kind == kind else (7 * 86400.0)
-        idle_for = a.get("idle_for", as_positive_duration, idle_default)
-        if a.has("idle_for") and kind != "prune-idle":
-            raise a.error(f"applies to prune-idle actions only, this one is {kind}", "idle_for")
-        enabled = a.get("enabled", as_bool, True)
-        a.finish()
-        if enabled:
-            actions[name] = ActionConfig(name, kind, idle_for if kind == "prune-idle" else 0.0)
-        else:
-            actions.pop(name, None)
-    out = ActuatorConfig(
-        listen=s.get("listen", as_listen, d.listen),
-        auth=auth,
-        tls=tls,
-        cooldown=s.get("cooldown", as_duration, d.cooldown),
-        dry_run=s.get("dry_run", as_bool, d.dry_run),
-        prune_timeout=s.get("prune_timeout", as_positive_duration, d.prune_timeout),
-        settle_delay=s.get("settle_delay", as_duration, d.settle_delay),
-        max_body_bytes=s.get("max_body", _body_size, d.max_body_bytes),
-        audit_log=s.get("audit_log", as_str, None),
-        actions=actions,
-    )
-    s.finish()
-    return out
-
-
-_MISSING_KIND: Any = object()
+def _container(value: Any) -> str:
+    name = as_str(value)
+    if not name.startswith(CONTAINER_PREFIX):
+        raise ValueError(f"expected a buildx builder container name ({CONTAINER_PREFIX}...), got {name!r}")
+    return name
 
 
 def _body_size(value: Any) -> int:
-    n = as_size(value)
+    n = parse_size(value)
     if n < 1024:
         raise ValueError(f"expected at least 1KiB, got {value!r}")
     return n
 
 
+def _write_duration(seconds: float) -> str:
+    return format_duration(seconds) if seconds else "0s"
+
+
+DURATION = Kind(parse_duration, _write_duration)
+POSITIVE_DURATION = Kind(_positive_duration, _write_duration)
+SIZE = Kind(parse_size)
+BODY_SIZE = Kind(_body_size)
+LISTEN = Kind(_listen, _write_listen, whole=True)
+DOCKER_URL = Kind(_docker_url)
+BUILDKIT_ADDRESS = Kind(_buildkit_address)
+EXISTING_FILE = Kind(_existing_file)
+ABSOLUTE_PATH = Kind(_absolute_path)
+CONTAINER = Kind(_container)
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Client certificate files; the CA that signed the server's."""
+
+    ca_file: str | None = setting(None, kind=EXISTING_FILE)
+    cert_file: str | None = setting(None, kind=EXISTING_FILE)
+    key_file: str | None = setting(None, kind=EXISTING_FILE)
+
+    def check(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise Invalid("cert_file and key_file go together")
+
+
+@dataclass(frozen=True)
+class DockerTLS(TLSFiles):
+    """TLS to a tcp:// Docker host."""
+
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class BuildkitdTLS(TLSFiles):
+    """TLS to a remote buildkitd."""
+
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DockerHostConfig:
+    shorthand = "url"  # an entry may be just the URL
+
+    url: str = setting(kind=DOCKER_URL)
+    name: str = ""  # the `host` label; default: 'local' for a socket, else the URL's host name
+    # Where the host's files are visible to this process; "" when they are not. Default: "/" for a
+    # local socket, "" otherwise.
+    host_root: str | None = None
+    timeout: float = setting(30.0, kind=POSITIVE_DURATION)
+    tls: DockerTLS | None = None
+    containerd_root: str | None = setting(None, kind=ABSOLUTE_PATH)  # None: from the engine's /info
+
+    def check(self) -> DockerHostConfig:
+        return dataclasses.replace(
+            self,
+            name=self.name or host_label(self.url),
+            host_root=self.host_root if self.host_root is not None else ("/" if _is_local(self.url) else ""),
+        )
+
+    @property
+    def visible_root(self) -> str | None:
+        return self.host_root or None
+
+
+@dataclass(frozen=True)
+class BuilderConfig:
+    """Settings of one builder, keyed `<builder>` or `<host>/<builder>` under `builders`."""
+
+    budget: int | None = setting(None, kind=SIZE)
+    container: str | None = setting(None, kind=CONTAINER)
+    address: str | None = setting(None, kind=BUILDKIT_ADDRESS)  # makes it a remote buildkitd
+    tls: BuildkitdTLS | None = None
+    actions: tuple[str, ...] | None = None  # None: every enabled action
+
+    def check(self) -> None:
+        if self.address and self.container:
+            raise Invalid("a builder has either an address (remote buildkitd) or a container, not both")
+        if self.tls and not self.address:
+            raise Invalid("applies to a remote builder; it needs address", "tls")
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    listen: tuple[str, int] = setting(("0.0.0.0", 9862), kind=LISTEN)
+    timeout: float = setting(60.0, kind=POSITIVE_DURATION)
+    buildctl: str = "buildctl"
+    # How often discovery and each measurement run, over their own defaults: each measurement owns its
+    # interval (buildkit_cache.exporter.measurements), which checks these names.
+    intervals: dict[str, float] = setting(kind=POSITIVE_DURATION, factory=dict)
+    idle_windows: tuple[float, ...] = setting((3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0), kind=POSITIVE_DURATION)
+
+    def check(self) -> ExporterConfig:
+        windows = tuple(sorted(set(self.idle_windows)))
+        return dataclasses.replace(self, idle_windows=windows or ExporterConfig().idle_windows)
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    """An action alerts may ask for. `kind` and `idle_for` default to the built-in of that name."""
+
+    kind: str | None = None
+    idle_for: float | None = setting(None, kind=POSITIVE_DURATION)  # prune-idle only
+    enabled: bool = True
+
+    def check(self) -> None:
+        if self.kind is not None and self.kind not in ACTION_KINDS:
+            raise Invalid(f"expected one of {', '.join(ACTION_KINDS)}, got {self.kind!r}", "kind")
+
+
+BUILTIN_ACTIONS = {
+    "prune-to-budget": ActionConfig("prune-to-budget"),
+    "prune-idle": ActionConfig("prune-idle", idle_for=7 * 86400.0),
+    "prune-all": ActionConfig("prune-all"),
+}
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str = setting()
+    password_file: str = setting()
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # Secret files are read (and checked) by the actuator when it starts: the exporter shares this
+    # file and need not have them.
+    bearer_token_file: str | None = None
+    basic_auth: BasicAuth | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bearer_token_file or self.basic_auth)
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """TLS the actuator serves with; with `client_ca_file`, client certificates are required."""
+
+    cert_file: str = setting()
+    key_file: str = setting()
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class ActuatorConfig:
+    listen: tuple[str, int] = setting(("127.0.0.1", 9863), kind=LISTEN)
+    auth: AuthConfig = setting(factory=AuthConfig)
+    tls: ServerTLS | None = None
+    cooldown: float = setting(3600.0, kind=DURATION)
+    dry_run: bool = False
+    prune_timeout: float = setting(600.0, kind=POSITIVE_DURATION)
+    settle_delay: float = setting(2.0, kind=DURATION)
+    max_body: int = setting(1024 * 1024, kind=BODY_SIZE)
+    audit_log: str | None = None
+    actions: dict[str, ActionConfig] = setting(factory=lambda: dict(BUILTIN_ACTIONS))
+
+    def check(self) -> ActuatorConfig:
+        """The built-in actions, with the file's entries over them; every entry complete."""
+        merged = dict(BUILTIN_ACTIONS)
+        for name, a in self.actions.items():
+            builtin = BUILTIN_ACTIONS.get(name)
+            kind = a.kind or (builtin.kind if builtin else None)
+            if kind is None:
+                raise Invalid(f"is required for a new action: one of {', '.join(ACTION_KINDS)}", f"actions.{name}.kind")
+            if a.idle_for is not None and kind != "prune-idle":
+                raise Invalid(f"applies to prune-idle actions only, this one is {kind}", f"actions.{name}.idle_for")
+            idle_for = a.idle_for
+            if kind == "prune-idle" and idle_for is None:
+                idle_for = builtin.idle_for if builtin and builtin.kind == kind else BUILTIN_ACTIONS["prune-idle"].idle_for
+            merged[name] = ActionConfig(kind, idle_for, a.enabled)
+        return dataclasses.replace(self, actions=merged)
+
+    @property
+    def enabled_actions(self) -> dict[str, ActionConfig]:
+        return {n: a for n, a in self.actions.items() if a.enabled}
+
+
+@dataclass(frozen=True)
+class Config:
+    docker_hosts: tuple[DockerHostConfig, ...] = ()
+    builders: dict[str, BuilderConfig] = setting(factory=dict)
+    exporter: ExporterConfig = setting(factory=ExporterConfig)
+    actuator: ActuatorConfig = setting(factory=ActuatorConfig)
+    source: str = internal("(defaults)")  # the file it came from, for error messages
+
+    def check(self) -> Config:
+        hosts = self.docker_hosts or (default_host(),)
+        names = [h.name for h in hosts]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise Invalid(f"two hosts are named {dup!r}; give each a distinct name", "docker_hosts")
+        for key, b in self.builders.items():
+            host, sep, name = key.rpartition("/")
+            where = f"builders.{key}"
+            if not name:
+                raise Invalid("expected <builder> or <host>/<builder>", where)
+            if sep and not b.address and host not in names:
+                raise Invalid(f"no Docker host is named {host!r}; hosts are: {', '.join(names)}", where)
+            if not sep and not b.address and len(names) > 1:
+                raise Invalid(f"{len(names)} Docker hosts are configured ({', '.join(names)}): key it as "
+                              f"<host>/{name} to say on which this builder's settings apply", where)
+            for i, action in enumerate(b.actions or ()):
+                if action not in self.actuator.enabled_actions:
+                    raise Invalid(f"unknown action {action!r}; actions are: "
+                                  f"{', '.join(sorted(self.actuator.enabled_actions))}", f"{where}.actions[{i}]")
+        return dataclasses.replace(self, docker_hosts=hosts)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def builder_settings(self) -> dict[tuple[str, str], BuilderConfig]:
+        """Each builder's settings by its (host, builder) labels. An entry keyed by name alone
+        applies on the one Docker host (several hosts need the host in the key: see check())."""
+        out: dict[tuple[str, str], BuilderConfig] = {}
+        for key, b in self.builders.items():
+            host, _, name = key.rpartition("/")
+            if not host:
+                host = remote_host_label(b.address) if b.address else self.docker_hosts[0].name
+            out[(host, name)] = b
+        return out
+
+    def settings_for(self, host: str, builder: str) -> BuilderConfig | None:
+        return self.builder_settings().get((host, builder))
+
+    def budget_for(self, host: str, builder: str) -> int | None:
+        b = self.settings_for(host, builder)
+        return b.budget if b else None
+
+    def container_names(self, host: str) -> dict[str, str]:
+        """Container name -> builder name, for containers the config names on this host."""
+        return {b.container: name for (h, name), b in self.builder_settings().items() if b.container and h == host}
+
+    def remote_builders(self) -> list[tuple[str, str, BuilderConfig]]:
+        """(host label, builder name, settings) of each remote buildkitd."""
+        return [(h, n, b) for (h, n), b in self.builder_settings().items() if b.address]
+
+
+def default_docker_url() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def host_label(url: str) -> str:
+    """A short `host` label for a Docker URL: 'local' for a unix socket, else the host name."""
+    parsed = urlparse(url)
+    if parsed.scheme in ("unix", "npipe", ""):
+        return "local"
+    return parsed.hostname or url
+
+
+def remote_host_label(address: str) -> str:
+    return urlparse(address).hostname or "remote"
+
+
+def default_host(url: str | None = None) -> DockerHostConfig:
+    return DockerHostConfig(url=url or default_docker_url()).check()
+
+
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("unix", "")
+
+
+def load(path: str | None, docker_hosts: list[str] | None = None) -> Config:
+    """Read the config file (None: defaults). `docker_hosts` from the command line replace the file's."""
+    if path is None:
+        return parse_config({}, "(defaults)", docker_hosts)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(data, path, docker_hosts)
+
+
+def parse_config(data: Any, source: str = "config", docker_hosts: list[str] | None = None) -> Config:
+    if docker_hosts and isinstance(data, dict):
+        data = {**data, "docker_hosts": list(docker_hosts)}
+    elif docker_hosts and data is None:
+        data = {"docker_hosts": list(docker_hosts)}
+    return dataclasses.replace(Reader(source).read(Config, data), source=source)
+
+
 def as_dict(cfg: Config) -> dict[str, Any]:
-    """The effective config as plain data, for `--check-config` (durations and sizes readable)."""
-
-    def conv(obj: Any) -> Any:
-        if dataclasses.is_dataclass(obj):
-            return {f.name: conv(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-        if isinstance(obj, dict):
-            return {k: conv(v) for k, v in obj.items()}
-        if isinstance(obj, tuple):
-            return [conv(v) for v in obj]
-        return obj
-
-    out = conv(cfg)
-    out["exporter"]["listen"] = "{}:{}".format(*cfg.exporter.listen)
-    out["actuator"]["listen"] = "{}:{}".format(*cfg.actuator.listen)
-    out["exporter"]["idle_windows"] = [format_duration(w) for w in cfg.exporter.idle_windows]
-    out["exporter"]["intervals"] = {k: format_duration(v) for k, v in out["exporter"]["intervals"].items()}
-    out["exporter"]["timeout"] = format_duration(cfg.exporter.timeout)
-    out["actuator"]["cooldown"] = format_duration(cfg.actuator.cooldown) if cfg.actuator.cooldown else "0s"
-    out["actuator"]["prune_timeout"] = format_duration(cfg.actuator.prune_timeout)
-    out["actuator"]["settle_delay"] = format_duration(cfg.actuator.settle_delay) if cfg.actuator.settle_delay else "0s"
-    for a in out["actuator"]["actions"].values():
-        a["idle_for"] = format_duration(a["idle_for"]) if a["idle_for"] else None
-    for h in out["docker_hosts"]:
-        h["timeout"] = format_duration(h["timeout"])
+    """The effective config as plain data that loads back to the same config (`--check-config`)."""
+    out: dict[str, Any] = write(cfg)
     return out
 
 

@@ -9,7 +9,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import docker
 import docker.errors
@@ -17,6 +16,7 @@ import docker.tls
 import requests.exceptions
 from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
 
+from .config import DockerTLS
 from .errors import BuilderError, CommandFailed, Unavailable
 
 log = logging.getLogger(__name__)
@@ -33,30 +33,10 @@ _CONNECTION_ERRORS = (
 
 
 @dataclass(frozen=True)
-class TLSSettings:
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify: bool = True
-
-
-@dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: str
     stderr: str
-
-
-def default_docker_url() -> str:
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-
-def host_label(url: str) -> str:
-    """A short `host` label for a Docker URL: 'local' for a unix socket, else the host name."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("unix", "npipe", ""):
-        return "local"
-    return parsed.hostname or url
 
 
 def api_at_least(version: str, minimum: str) -> bool:
@@ -81,7 +61,7 @@ class DockerHost:
         url: str,
         *,
         timeout: float = 30.0,
-        tls: TLSSettings | None = None,
+        tls: DockerTLS | None = None,
         host_root: str | None = None,
         containerd_root: str | None = None,
     ):

@@ -17,19 +17,19 @@ class Inventory:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.hosts: dict[str, DockerHost] = {
-            h.name: DockerHost(h.name, h.url, timeout=h.timeout, tls=h.tls, host_root=h.host_root,
+            h.name: DockerHost(h.name, h.url, timeout=h.timeout, tls=h.tls, host_root=h.visible_root,
                                containerd_root=h.containerd_root)
             for h in cfg.docker_hosts
         }
         self.remotes: list[RemoteBuilder] = []
-        for b in cfg.remote_builders():
-            assert b.address and b.host
+        for host, name, b in cfg.remote_builders():
+            assert b.address
             ctl = LocalBuildctl(b.address, binary=cfg.exporter.buildctl, timeout=cfg.exporter.timeout, tls=b.tls)
-            self.remotes.append(remote_builder(b.host, b.name, ctl))
+            self.remotes.append(remote_builder(host, name, ctl))
 
     def discover(self, host: str, info: Mapping[str, Any] | None = None) -> list[Builder]:
         """Builders on one Docker host right now. Raises Unavailable when it cannot be reached."""
-        return discover(self.hosts[host], self.cfg.container_names(), info)
+        return discover(self.hosts[host], self.cfg.container_names(host), info)
 
     def find(self, host: str, builder: str) -> Builder | None:
         """The builder with these `host` and `builder` labels, or None if there is none."""

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
-import signal
 import sys
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from buildkit_cache import __version__
-from buildkit_cache.cli_support import Exit, load_config, print_effective_config
-from buildkit_cache.config import Config
+from buildkit_cache.cli_support import Exit, load_config, print_effective_config, serve
+from buildkit_cache.config import Config, ConfigError
 from buildkit_cache.inventory import Inventory
 
+from .measurements import intervals
 from .metrics import registry_for
 from .scheduler import Scheduler, collect_once
 from .store import Store
@@ -56,7 +58,7 @@ def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> w
     app.router.add_get("/-/healthy", lambda _r: web.Response(text="ok\n"))
     app.router.add_get("/", lambda _r: web.Response(text=LANDING.format(version=__version__), content_type="text/html"))
     if scheduler is not None:
-        async def background(app: web.Application):
+        async def background(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.create_task(scheduler.run_forever())
             yield
             task.cancel()
@@ -81,26 +83,6 @@ async def _once(cfg: Config) -> int:
     return 1 if failed else 0
 
 
-async def _serve(cfg: Config, host: str, port: int) -> None:
-    store = Store()
-    scheduler = Scheduler(cfg, Inventory(cfg), store)
-    app = make_app(store, cfg, scheduler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("serving /metrics on http://%s:%d, watching %s", host, port,
-             ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts) +
-             "".join(f", remote {b.name} ({b.address})" for b in cfg.remote_builders()))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down")
-    await runner.cleanup()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -108,14 +90,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg, listen = load_config(PROG, args.config, args.listen, "exporter", args.docker_hosts)
     except Exit as exc:
         return exc.code
+    try:
+        # The exporter's own section: each measurement's interval, defaults filled in.
+        cfg = dataclasses.replace(cfg, exporter=dataclasses.replace(cfg.exporter, intervals=intervals(cfg)))
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
     if args.check_config:
         print_effective_config(cfg)
         return 0
     if args.once:
         return asyncio.run(_once(cfg))
-    try:
-        asyncio.run(_serve(cfg, *listen))
-    except OSError as exc:
-        print(f"{PROG}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror}", file=sys.stderr)
-        return 1
-    return 0
+    store = Store()
+    app = make_app(store, cfg, Scheduler(cfg, Inventory(cfg), store))
+    watching = ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts)
+    watching += "".join(f", remote {n} ({b.address})" for _h, n, b in cfg.remote_builders())
+    return serve(app, PROG, listen, f"serving /metrics on http://{listen[0]}:{listen[1]}, watching {watching}")

@@ -8,15 +8,14 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-from buildkit_cache.builders import RECORDS, Builder
+from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError
 from buildkit_cache.inventory import Inventory
-from buildkit_cache.usage import summarize
 
+from .measurements import BY_NAME, DISCOVERY, intervals
 from .store import HostState, Result, Store
 
 log = logging.getLogger("exporter")
@@ -28,6 +27,7 @@ class Scheduler:
     def __init__(self, cfg: Config, inventory: Inventory, store: Store, *,
                  clock: Callable[[], float] = time.time, max_workers: int = 8):
         self.cfg = cfg
+        self.intervals = intervals(cfg)
         self.inventory = inventory
         self.store = store
         self.clock = clock
@@ -86,13 +86,10 @@ class Scheduler:
                 del self.next_due[key]
 
     async def measure(self, builder: Builder, measurement: str) -> None:
-        windows = self.cfg.exporter.idle_windows
+        m = BY_NAME[measurement]
 
         def work() -> Any:
-            if measurement == RECORDS:
-                # Keep the summary, not the records: a busy builder has tens of thousands.
-                return summarize(builder.records(), datetime.now(UTC), windows)
-            return builder.measure(measurement)
+            return m.run(builder, self.cfg)
 
         started = time.monotonic()
         try:
@@ -118,9 +115,7 @@ class Scheduler:
     # -- forever --------------------------------------------------------------------------------
 
     def _interval(self, key: JobKey) -> float:
-        if key[0] == "discover":
-            return self.cfg.exporter.intervals.discovery
-        return getattr(self.cfg.exporter.intervals, key[3])
+        return self.intervals[DISCOVERY if key[0] == "discover" else key[3]]
 
     def _jobs(self) -> list[JobKey]:
         jobs: list[JobKey] = [("discover", h) for h in self.inventory.hosts]

@@ -7,19 +7,21 @@ a consistent picture.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from buildkit_cache.builders import Builder
 from buildkit_cache.models import BuilderRef
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
-class Result:
+class Result(Generic[T]):
     """One measurement's last run: its value if it succeeded, how long it took, the last success."""
 
     success: bool
     duration_seconds: float
-    value: Any = None
+    value: T | None = None
     error: str = ""
     last_success_timestamp: float | None = None
 
@@ -27,7 +29,7 @@ class Result:
 @dataclass(frozen=True)
 class BuilderState:
     builder: Builder
-    results: dict[str, Result] = field(default_factory=dict)
+    results: dict[str, Result[Any]] = field(default_factory=dict)
 
     @property
     def ref(self) -> BuilderRef:
@@ -73,7 +75,7 @@ class Store:
     def add_builder(self, builder: Builder) -> None:
         self.builders = {**self.builders, builder.ref.key: BuilderState(builder)}
 
-    def set_result(self, key: tuple[str, str], measurement: str, result: Result) -> None:
+    def set_result(self, key: tuple[str, str], measurement: str, result: Result[Any]) -> None:
         state = self.builders.get(key)
         if state is None:
             return  # the builder left while it was being measured

@@ -283,13 +283,17 @@ class PrivateDockerd:
     # -- the Engine API, independently of the code under test -----------------------------------
 
     def api(self, path: str, method: str = "GET") -> Any:
-        conn = UnixHTTPConnection(str(self.socket))
-        conn.request(method, path)
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise AssertionError(f"{method} {path}: {resp.status} {body[:300]!r}")
-        return json.loads(body)
+        for attempt in range(3):
+            conn = UnixHTTPConnection(str(self.socket))
+            conn.request(method, path)
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status == 200:
+                return json.loads(body)
+            # The containerd store can fail a listing while it deletes ("snapshot ... not found").
+            if method != "GET" or b"does not exist" not in body or attempt == 2:
+                raise AssertionError(f"{method} {path}: {resp.status} {body[:300]!r}")
+            time.sleep(0.5)
 
     # -- docker CLI -----------------------------------------------------------------------------
 

@@ -126,8 +126,8 @@ class Stack:
         }))
         self.procs: list[Any] = []
         try:
-            self.procs.append(Service("exporter", ["--config", str(cfg)], workdir / "exporter.log"))
-            self.procs.append(Service("actuator", ["--config", str(cfg)], workdir / "actuator.log"))
+            self.procs.append(Service("buildkit_cache.exporter", ["--config", str(cfg)], workdir / "exporter.log"))
+            self.procs.append(Service("buildkit_cache.actuator", ["--config", str(cfg)], workdir / "actuator.log"))
             wait_for("the exporter", lambda: http_get(self.metrics_url)[0] == 200)
             wait_for("the actuator", lambda: http_get(self.actuator_url + "/healthz")[0] == 200)
             self.am = Alertmanager(workdir, adapted_alertmanager(workdir / "alertmanager.yml",

@@ -29,11 +29,11 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 
 from buildkit_cache.builders import Builder  # noqa: E402
 from buildkit_cache.config import parse_config  # noqa: E402
+from buildkit_cache.exporter.metrics import CacheCollector  # noqa: E402
+from buildkit_cache.exporter.store import Result, Store  # noqa: E402
 from buildkit_cache.fs import walk_tree  # noqa: E402
 from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, CacheRecord, FilesystemUsage, TreeUsage  # noqa: E402
 from buildkit_cache.usage import summarize  # noqa: E402
-from exporter.metrics import CacheCollector  # noqa: E402
-from exporter.store import Result, Store  # noqa: E402
 
 
 def make_tree(root: Path, files: int) -> None:

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
-from actuator import decide as D
-from actuator.app import make_app
-from actuator.audit import AuditLog
-from actuator.auth import Credentials
-from actuator.metrics import ActuatorMetrics
-from actuator.payload import PayloadError, parse_notification
-from actuator.runner import PruneRunner
+from buildkit_cache.actuator import decide as D
+from buildkit_cache.actuator.app import make_app
+from buildkit_cache.actuator.audit import AuditLog, Recorder
+from buildkit_cache.actuator.auth import Credentials
+from buildkit_cache.actuator.metrics import ActuatorMetrics
+from buildkit_cache.actuator.payload import PayloadError, parse_notification
+from buildkit_cache.actuator.service import ActuatorService
 from buildkit_cache.config import parse_config
-from buildkit_cache.models import PruneRequest
+from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, PruneRequest
 from tests.support.recorded import RecordedBuilder, StaticInventory
 
 TOKEN = b"s3cret-token"
@@ -38,6 +38,7 @@ def notification(*alerts, status="firing"):
 
 
 CFG = {
+    "docker_hosts": [{"url": "unix:///nonexistent/docker.sock", "name": "h1"}],
     "builders": {"kamal": {"budget": "20MB"}, "nobudget": {}, "limited": {"budget": "1GB", "actions": ["prune-idle"]}},
     "actuator": {"cooldown": "1h", "settle_delay": "0s", "prune_timeout": "2s",
                  "actions": {"nightly": {"kind": "prune-idle", "idle_for": "1d"}}},
@@ -50,15 +51,16 @@ class Harness:
         self.tmp_path = tmp_path
         self.builders = {n: RecordedBuilder(n) for n in ("kamal", "nobudget", "limited")}
 
-    async def start(self, cfg=CFG, dry_run=False, credentials=None, **runner_kw):
+    async def start(self, cfg=CFG, dry_run=False, credentials=None, **service_kw):
         credentials = credentials or Credentials(bearer_token=TOKEN)
         self.cfg = parse_config(cfg)
-        self.metrics = ActuatorMetrics(list(self.cfg.actuator.actions))
+        self.metrics = ActuatorMetrics(list(self.cfg.actuator.enabled_actions))
         self.audit_path = self.tmp_path / "audit.jsonl"
-        self.audit = AuditLog(str(self.audit_path))
-        self.runner = PruneRunner(self.cfg, StaticInventory(self.builders.values()), self.metrics, self.audit,
-                                  dry_run=dry_run, **runner_kw)
-        self.client = await self.aiohttp_client(make_app(self.cfg, self.runner, credentials, self.metrics, self.audit))
+        self.recorder = Recorder(AuditLog(str(self.audit_path)), self.metrics)
+        self.service = ActuatorService(self.cfg, StaticInventory(self.builders.values()), self.recorder,
+                                       dry_run=dry_run, **service_kw)
+        self.client = await self.aiohttp_client(make_app(self.service, credentials, self.recorder,
+                                                         self.cfg.actuator.max_body))
         return self
 
     async def post(self, body, token=TOKEN, raw=None, headers=None):
@@ -68,8 +70,8 @@ class Harness:
         return await self.client.post("/alerts", data=data, headers=h)
 
     async def settle(self):
-        while self.runner.tasks:
-            await asyncio.wait(set(self.runner.tasks))
+        while self.service.tasks:
+            await asyncio.wait(set(self.service.tasks))
 
     def audit_lines(self):
         return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
@@ -110,7 +112,9 @@ def test_bad_payloads_say_what_is_wrong(body, message):
 
 
 def decide(**kw):
-    return D.decide(parse_notification(notification(alert(**kw))).alerts[0], parse_config(CFG))
+    """The decision on a host whose builders are kamal, nobudget, limited and elsewhere."""
+    refs = {("h1", n): BuilderRef("h1", n, DRIVER_CONTAINER) for n in ("kamal", "nobudget", "limited", "elsewhere")}
+    return D.decide(parse_notification(notification(alert(**kw))).alerts[0], parse_config(CFG), refs)
 
 
 def test_decisions():

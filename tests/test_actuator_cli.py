@@ -16,7 +16,7 @@ from lab.procs import ROOT, Service, free_port, wait_for
 
 
 def run(*args, timeout=30):
-    return subprocess.run([sys.executable, "-m", "actuator", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "buildkit_cache.actuator", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=timeout)
 
 
@@ -48,7 +48,7 @@ def test_check_config_shows_loopback_default_and_actions(tmp_path):
     assert done.returncode == 0, done.stderr
     eff = yaml.safe_load(done.stdout)["actuator"]
     assert eff["listen"] == "127.0.0.1:9863"
-    assert eff["actions"]["nightly"] == {"name": "nightly", "kind": "prune-idle", "idle_for": "1d"}
+    assert eff["actions"]["nightly"] == {"kind": "prune-idle", "idle_for": "1d", "enabled": True}
     bad = run("--config", str(ROOT / "tests/fixtures/buildctl/du.json"), "--check-config")
     assert bad.returncode == 2 and "(top level): expected a mapping" in bad.stderr
 
@@ -84,7 +84,7 @@ actuator:
   auth: {{bearer_token_file: {token}}}
   tls: {{cert_file: {pki}/server.pem, key_file: {pki}/server.key, client_ca_file: {pki}/ca.pem}}
 """)
-    svc = Service("actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
+    svc = Service("buildkit_cache.actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
     url = f"https://127.0.0.1:{port}/alerts"
     body = json.dumps({"version": "4", "status": "resolved", "alerts": []}).encode()
 

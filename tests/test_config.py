@@ -61,21 +61,21 @@ def test_docker_host_env_is_the_default(monkeypatch):
     (host,) = parse_config({}).docker_hosts
     assert host.url == "tcp://build.example:2376"
     assert host.name == "build.example"
-    assert host.host_root is None  # a remote host's files are not visible here
+    assert host.visible_root is None  # a remote host's files are not visible here
 
 
 def test_full_example_config_loads():
     cfg = load(str(ROOT / "deploy" / "config.example.yml"))
     assert cfg.builders["kamal-remote"].budget == 20_000_000_000
-    assert cfg.exporter.intervals.state_volume == 600
+    assert cfg.exporter.intervals["state_volume"] == 600
     assert cfg.actuator.actions["prune-idle"].idle_for == 7 * 86400
 
 
 def test_remote_builder_gets_its_host_label_from_the_address():
     cfg = parse_config({"builders": {"ci": {"address": "tcp://buildkitd.internal:1234", "budget": "50GB"}}})
-    (ci,) = cfg.remote_builders()
-    assert ci.host == "buildkitd.internal"
-    assert cfg.budget_for("ci") == 50_000_000_000
+    ((host, name, _ci),) = cfg.remote_builders()
+    assert (host, name) == ("buildkitd.internal", "ci")
+    assert cfg.budget_for("buildkitd.internal", "ci") == 50_000_000_000
 
 
 @pytest.mark.parametrize("data,message", [
@@ -110,7 +110,7 @@ def test_errors_name_the_key_and_what_is_allowed(data, message):
 def test_custom_and_disabled_actions():
     cfg = parse_config({"actuator": {"actions": {"nightly": {"kind": "prune-idle", "idle_for": "1d"},
                                                  "prune-all": {"enabled": False}}}})
-    assert set(cfg.actuator.actions) == {"prune-to-budget", "prune-idle", "nightly"}
+    assert set(cfg.actuator.enabled_actions) == {"prune-to-budget", "prune-idle", "nightly"}
     assert cfg.actuator.actions["nightly"].idle_for == 86400
 
 
@@ -122,7 +122,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
 
 
@@ -168,3 +168,50 @@ def test_missing_config_file_is_a_clear_error():
     done = run_cli("--config", "/nonexistent/bkce.yml", "--check-config")
     assert done.returncode == 2
     assert "/nonexistent/bkce.yml: cannot read: No such file or directory" in done.stderr
+
+
+def test_builder_settings_can_name_their_host():
+    hosts = [{"url": "unix:///a.sock", "name": "a"}, {"url": "tcp://b.example:2376", "name": "b"}]
+    cfg = parse_config({"docker_hosts": hosts, "builders": {"a/default": {"budget": "5GB"}, "b/default": {"budget": "9GB"},
+                                                            "ci": {"address": "tcp://buildkitd:1234", "budget": "1GB"}}})
+    assert cfg.budget_for("a", "default") == 5e9 and cfg.budget_for("b", "default") == 9e9
+    assert cfg.budget_for("buildkitd", "ci") == 1e9
+    # With one host, the name alone says it.
+    assert parse_config({"builders": {"default": {"budget": "5GB"}}}).budget_for("local", "default") == 5e9
+
+
+@pytest.mark.parametrize("builders,message", [
+    ({"default": {"budget": "5GB"}}, r"builders.default: 2 Docker hosts are configured \(a, b\): key it as <host>/default"),
+    ({"c/default": {"budget": "5GB"}}, r"builders.c/default: no Docker host is named 'c'; hosts are: a, b"),
+])
+def test_a_builder_entry_that_could_mean_several_hosts_is_an_error(builders, message):
+    hosts = [{"url": "unix:///a.sock", "name": "a"}, {"url": "tcp://b.example:2376", "name": "b"}]
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"docker_hosts": hosts, "builders": builders}, "cfg.yml")
+
+
+@pytest.mark.parametrize("prog", ["buildkit_cache.exporter", "buildkit_cache.actuator"])
+def test_the_printed_effective_config_loads_back_unchanged(tmp_path, prog):
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    p = tmp_path / "c.yml"
+    p.write_text(textwrap.dedent(f"""
+        docker_hosts: [unix:///run/docker.sock, {{url: "tcp://b.example:2376", name: b, host_root: ""}}]
+        builders:
+          local/kamal: {{budget: 10GB, actions: [prune-idle]}}
+          ci: {{address: "tcp://buildkitd:1234"}}
+        exporter: {{intervals: {{records: 15s}}, idle_windows: [1d, 1h]}}
+        actuator:
+          auth: {{basic_auth: {{username: am, password_file: {token}}}}}
+          actions: {{nightly: {{kind: prune-idle, idle_for: 1d}}, prune-all: {{enabled: false}}}}
+    """))
+    first = subprocess.run([sys.executable, "-m", prog, "--config", str(p), "--check-config"], capture_output=True,
+                           text=True, cwd=ROOT, timeout=60)
+    assert first.returncode == 0, first.stderr
+    printed = tmp_path / "printed.yml"
+    printed.write_text(first.stdout)
+    again = subprocess.run([sys.executable, "-m", prog, "--config", str(printed), "--check-config"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert load(str(printed)) == load(str(p)) or prog.endswith("exporter")  # the exporter fills its intervals

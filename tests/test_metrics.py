@@ -9,19 +9,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from buildkit_cache import parse
 from buildkit_cache.config import parse_config
-from exporter.metrics import registry_for
-from exporter.scheduler import Scheduler, collect_once
-from exporter.store import Store
+from buildkit_cache.exporter.metrics import registry_for
+from buildkit_cache.exporter.scheduler import Scheduler, collect_once
+from buildkit_cache.exporter.store import Store
 from tests.support.recorded import RecordedBuilder, StaticInventory
 
 F = Path(__file__).parent / "fixtures" / "buildctl"
+H1 = {"url": "unix:///nonexistent/docker.sock", "name": "h1"}  # the recorded builders' host
 
 
 scrape = registry_for
 
 
 async def collect(builders, cfg=None):
-    cfg = cfg or parse_config({"builders": {"kamal": {"budget": "30MB"}}})
+    cfg = cfg or parse_config({"docker_hosts": [H1], "builders": {"kamal": {"budget": "30MB"}}})
     store = await collect_once(cfg, StaticInventory(builders))
     return store, scrape(store, cfg)
 

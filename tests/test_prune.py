@@ -9,7 +9,7 @@ import pytest
 from buildkit_cache import parse
 from buildkit_cache.errors import BuilderError
 from buildkit_cache.models import CacheRecord, PruneRequest
-from buildkit_cache.prune_args import buildctl_prune_args, engine_prune_params, parse_engine_prune_result
+from buildkit_cache.prune_api import buildctl_prune_args, engine_prune_params, parse_engine_prune_result
 from buildkit_cache.prune_plan import delete_order, plan_prune
 
 F = Path(__file__).parent / "fixtures"

@@ -50,7 +50,7 @@ actuator:
 {extra}
 """)
         args = ["--config", str(cfg)] + (["--dry-run"] if dry_run else [])
-        self.svc = Service("actuator", args, tmp_path / f"actuator-{self.port}.log")
+        self.svc = Service("buildkit_cache.actuator", args, tmp_path / f"actuator-{self.port}.log")
         self.url = f"http://127.0.0.1:{self.port}"
         wait_for("the actuator", lambda: http_get(self.url + "/healthz")[0] == 200, timeout=30)
 

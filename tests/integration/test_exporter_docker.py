@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from buildkit_cache.config import parse_config
+from buildkit_cache.exporter import scheduler
+from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
 from buildkit_cache.models import RECORD_TYPES, STATES
-from exporter import scheduler
-from exporter.metrics import registry_for
 from tests.conftest import engine_get
 from tests.support import builder_container
 
@@ -265,7 +265,7 @@ async def test_remote_buildkitd_is_measured_with_a_local_buildctl(dockerd, tmp_p
 
 
 def test_once_exits_1_and_says_why_when_docker_is_down(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "exporter", "--once", "--docker-host", f"unix://{tmp_path}/no.sock"],
+    done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--docker-host", f"unix://{tmp_path}/no.sock"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 1
     assert "buildkit_cache_docker_host_up" in done.stdout
@@ -274,7 +274,7 @@ def test_once_exits_1_and_says_why_when_docker_is_down(tmp_path):
 
 
 def test_once_exits_0_on_a_healthy_host(build_cache):
-    done = subprocess.run([sys.executable, "-m", "exporter", "--once", "--docker-host", build_cache.url],
+    done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--docker-host", build_cache.url],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert 'buildkit_cache_measurement_success{builder="default",host="local",measurement="records"} 1.0' in done.stdout

@@ -29,7 +29,7 @@ exporter:
   timeout: 5s
   intervals: {{discovery: 1s, records: 1s, gc_policy: 1s, filesystem: 1s, state_volume: 1s}}
 """)
-    svc = Service("exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
+    svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
     url = f"http://127.0.0.1:{port}/metrics"
     wait_for("the exporter to serve", lambda: http_get(url)[0] == 200, timeout=30)
     yield svc, url

@@ -14,7 +14,7 @@ from buildkit_cache import parse
 from buildkit_cache.builders import Builder
 from buildkit_cache.errors import Unavailable
 from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, PruneRequest, PruneResult, TreeUsage
-from buildkit_cache.prune_args import prune_result_from_records
+from buildkit_cache.prune_api import prune_result_from_records
 
 F = Path(__file__).resolve().parent.parent / "fixtures" / "buildctl"
 
@@ -47,7 +47,7 @@ class RecordedBuilder(Builder):
         self._check("records")
         return list(self.current)
 
-    def workers(self):
+    def gc_policy(self):
         self._check("gc_policy")
         return parse.parse_debug_workers_json((F / "debug-workers-gc.json").read_text())
 
@@ -85,8 +85,5 @@ class StaticInventory:
     def __init__(self, builders):
         self.hosts = {}
         self.remotes = list(builders)
-
-    def find(self, host, builder):
-        return next((b for b in self.remotes if b.ref.key == (host, builder)), None)
 
 

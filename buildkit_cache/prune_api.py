@@ -1,4 +1,5 @@
-"""A PruneRequest in the shape each API takes. Pure functions: typed values in, fixed strings out.
+"""A PruneRequest in the shape each API takes, and each API's reply as a PruneResult. Pure functions:
+typed values in, fixed strings out.
 
 Nothing here takes free-form text: sizes and durations are numbers, filters are fixed keys.
 """

@@ -1,0 +1,184 @@
+"""Runs prunes, and only that: one at a time per builder, with a hard timeout, further passes when
+BuildKit stops short of a keep-storage target, and the measurements before and after that say what
+a prune gave back. It decides nothing and records nothing: it returns an `Outcome`."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from buildkit_cache.builders import FILESYSTEM, Builder
+from buildkit_cache.errors import BuilderError
+from buildkit_cache.models import CacheRecord, PruneRequest, PruneResult
+from buildkit_cache.prune_plan import plan_prune
+
+log = logging.getLogger("actuator")
+
+LOOKUP_TIMEOUT = 60.0
+MAX_PASSES = 5  # prune calls per incident when BuildKit stops short of its target
+
+SUCCESS, FAILURE, TIMEOUT, DRY_RUN = "success", "failure", "timeout", "dry_run"
+RESULTS = (SUCCESS, FAILURE, TIMEOUT, DRY_RUN)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one prune (or dry run) did. Byte figures are None where they could not be measured."""
+
+    result: str
+    reason: str = ""
+    records: int = 0
+    reclaimed_bytes: int = 0  # as BuildKit reported them
+    passes: int = 0
+    cache_bytes_before: int | None = None
+    cache_bytes_after: int | None = None
+    disk_avail_before: int | None = None
+    disk_avail_after: int | None = None
+    duration_seconds: float = 0.0
+    planned: tuple[CacheRecord, ...] = field(default=(), repr=False)  # a dry run's selection
+
+    @property
+    def ran(self) -> bool:
+        """Whether it counts as the incident's run (and so starts its cooldown)."""
+        return self.result in (SUCCESS, DRY_RUN)
+
+    @property
+    def cache_freed_bytes(self) -> int | None:
+        if self.cache_bytes_before is None or self.cache_bytes_after is None:
+            return None
+        return self.cache_bytes_before - self.cache_bytes_after
+
+    @property
+    def disk_freed_bytes(self) -> int | None:
+        if self.disk_avail_before is None or self.disk_avail_after is None:
+            return None
+        return self.disk_avail_after - self.disk_avail_before
+
+
+class PruneExecutor:
+    def __init__(self, *, prune_timeout: float, settle_delay: float, workers: int = 4):
+        self.prune_timeout = prune_timeout
+        self.settle_delay = settle_delay
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prune")
+        self.locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.running = 0
+
+    async def _thread(self, fn: Callable[[], Any], timeout: float) -> Any:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self.pool, fn), timeout)
+
+    async def run(self, builder: Builder, req: PruneRequest, *, dry_run: bool,
+                  on_start: Callable[[int | None, int | None], None] | None = None) -> Outcome:
+        """Prune `builder` with `req` (or estimate it), after any prune of it still running.
+        `on_start` hears the cache's bytes and the disk's available bytes just before it prunes."""
+        lock = self.locks.setdefault(builder.ref.key, asyncio.Lock())
+        async with lock:
+            if dry_run:
+                return await self._estimate(builder, req)
+            return await self._prune(builder, req, on_start)
+
+    async def _estimate(self, builder: Builder, req: PruneRequest) -> Outcome:
+        def estimate() -> tuple[list[CacheRecord], list[CacheRecord]]:
+            records = builder.records()
+            return records, plan_prune(records, req, datetime.now(UTC), builder.fresh_cache_mounts())
+
+        try:
+            records, plan = await self._thread(estimate, LOOKUP_TIMEOUT)
+        except (BuilderError, TimeoutError) as exc:
+            return Outcome(FAILURE, f"cannot read the records: {exc or 'timed out'}")
+        return Outcome(DRY_RUN, records=len(plan), reclaimed_bytes=sum(r.size for r in plan),
+                       cache_bytes_before=sum(r.size for r in records), planned=tuple(plan))
+
+    async def _cache_bytes(self, builder: Builder) -> int | None:
+        # Twice: an engine busy deleting can fail one listing (containerd store: "snapshot ... not found").
+        for attempt in (1, 2):
+            try:
+                records = await self._thread(builder.records, LOOKUP_TIMEOUT)
+            except (BuilderError, TimeoutError) as exc:
+                log.info("cannot read the records of %s (attempt %d): %s", builder.ref, attempt, exc or "timed out")
+                await asyncio.sleep(0.5)
+                continue
+            return sum(r.size for r in records)
+        return None
+
+    async def _disk_avail(self, builder: Builder) -> int | None:
+        """Bytes available on the filesystem holding the builder's cache, where it can be seen:
+        what `df` shows, and what a prune really gives back (records shared with images free no disk)."""
+        if FILESYSTEM not in builder.measurements:
+            return None
+        try:
+            usage = await self._thread(builder.filesystem, LOOKUP_TIMEOUT)
+        except (BuilderError, OSError, TimeoutError):
+            return None
+        return int(usage.avail_bytes)
+
+    async def _prune(self, builder: Builder, req: PruneRequest,
+                     on_start: Callable[[int | None, int | None], None] | None) -> Outcome:
+        before, disk_before = await self._cache_bytes(builder), await self._disk_avail(builder)
+        if on_start:
+            on_start(before, disk_before)
+        started = time.monotonic()
+        deadline = started + self.prune_timeout
+        deleted = reclaimed = passes = 0
+        self.running += 1
+        try:
+            while True:
+                passes += 1
+                outcome = await self._pass(builder, req, deadline - time.monotonic())
+                if isinstance(outcome, str):
+                    result = TIMEOUT if outcome.startswith("the prune did not finish") else FAILURE
+                    return Outcome(result, outcome, deleted, reclaimed, passes, before,
+                                   duration_seconds=time.monotonic() - started)
+                deleted += outcome.records_deleted
+                reclaimed += outcome.bytes_reclaimed
+                if outcome.records_deleted == 0 or passes >= MAX_PASSES or not await self._more_to_do(builder, req):
+                    break
+                log.info("prune of %s stopped short of its target; pass %d", builder.ref, passes + 1)
+        finally:
+            self.running -= 1
+        duration = time.monotonic() - started
+        # BuildKit releases files slightly after a prune returns: measure again after a pause.
+        await asyncio.sleep(self.settle_delay)
+        after, disk_after = await self._cache_bytes(builder), await self._disk_avail(builder)
+        return Outcome(SUCCESS, "", deleted, reclaimed, passes, before, after, disk_before, disk_after, duration)
+
+    async def _pass(self, builder: Builder, req: PruneRequest, timeout: float) -> PruneResult | str:
+        """One prune call; its result, or why it failed. Waits for BuildKit even past the timeout."""
+        if timeout <= 0:
+            return f"the prune did not finish within {self.prune_timeout:g}s"
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, builder.prune, req, timeout)
+        done, _ = await asyncio.wait({fut}, timeout=timeout)
+        if not done:
+            # Keep the builder's lock until BuildKit is really done: never two prunes at once.
+            await asyncio.wait({fut})
+            return f"the prune did not finish within {self.prune_timeout:g}s"
+        try:
+            result: PruneResult = fut.result()
+        except BuilderError as exc:
+            return str(exc)
+        return result
+
+    async def _more_to_do(self, builder: Builder, req: PruneRequest) -> bool:
+        """Whether a keep-storage prune stopped short of its target.
+
+        BuildKit deletes one record at a time in that mode and stops when it finds none to take;
+        BuildKit 0.8 (dockerd 20.10) finds none early when a `/system/df` runs meanwhile (any
+        exporter, or `docker system df`), as the size computation holds records. Idle and full
+        prunes take every candidate in batches and are not repeated.
+        """
+        if not req.keep_storage:
+            return False
+        try:
+            current = await self._thread(builder.records, LOOKUP_TIMEOUT)
+        except (BuilderError, TimeoutError):
+            return False
+        return sum(r.size for r in current if not r.shared) >= req.keep_storage
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,114 @@
+"""The actuator's work: each alert of a notification decided once, and each accepted prune run in
+the background and recorded. The HTTP side (`app.py`) replies as soon as the decisions are made."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from buildkit_cache.builders import Builder
+from buildkit_cache.config import Config
+from buildkit_cache.errors import BuilderError
+
+from . import decide as D
+from .audit import Recorder
+from .executor import PruneExecutor
+from .payload import Notification
+
+log = logging.getLogger("actuator")
+
+DISCOVERY_TIMEOUT = 10.0  # a notification's reply waits at most this for a Docker host's builder list
+FRESH = 2.0  # a builder list younger than this is not asked for again, even for a name it lacks
+
+
+class Directory:
+    """The builders each Docker host has now, asked for when an alert names one, briefly cached."""
+
+    def __init__(self, inventory, clock: Callable[[], float] = time.monotonic):
+        self.inventory = inventory
+        self.clock = clock
+        self.cache: dict[str, tuple[float, dict[tuple[str, str], Builder]]] = {}
+        self.lock = asyncio.Lock()
+
+    async def lookup(self, host: str, builder: str) -> dict[tuple[str, str], Builder] | None:
+        """The builders labelled with `host`; None if that Docker host cannot be asked right now."""
+        found = {r.ref.key: r for r in self.inventory.remotes if r.ref.host == host}
+        if host not in self.inventory.hosts:
+            return found
+        async with self.lock:
+            cached = self.cache.get(host)
+            if cached and ((host, builder) in cached[1] or self.clock() - cached[0] < FRESH):
+                return {**found, **cached[1]}
+            try:
+                loop = asyncio.get_running_loop()
+                builders = await asyncio.wait_for(loop.run_in_executor(None, self.inventory.discover, host),
+                                                  DISCOVERY_TIMEOUT)
+            except (BuilderError, TimeoutError) as exc:
+                log.warning("cannot list the builders of Docker host %s: %s", host, exc or "timed out")
+                return None
+            self.cache[host] = (self.clock(), {b.ref.key: b for b in builders})
+            return {**found, **self.cache[host][1]}
+
+
+class ActuatorService:
+    def __init__(self, cfg: Config, inventory, recorder: Recorder, *, dry_run: bool,
+                 clock: Callable[[], float] = time.time, max_pending: int = 64):
+        self.cfg = cfg
+        self.recorder = recorder
+        self.dry_run = dry_run
+        self.max_pending = max_pending
+        self.claims = D.Claims(cfg.actuator.cooldown, clock)
+        self.directory = Directory(inventory)
+        self.executor = PruneExecutor(prune_timeout=cfg.actuator.prune_timeout, settle_delay=cfg.actuator.settle_delay)
+        recorder.metrics.track_in_progress(lambda: self.executor.running)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
+
+    def can_accept(self) -> bool:
+        return self.accepting and len(self.tasks) < self.max_pending
+
+    async def handle(self, notification: Notification) -> list[D.Decision]:
+        """Decide each alert, start what is accepted, record everything."""
+        self.recorder.received(status=notification.status, receiver=notification.receiver,
+                               group_key=notification.group_key, alerts=len(notification.alerts),
+                               firing=len(notification.firing()))
+        decisions = []
+        for alert in notification.alerts:
+            host, name = alert.labels.get("host", ""), alert.labels.get("builder", "")
+            builders = await self.directory.lookup(host, name) if alert.firing and host and name else {}
+            refs = None if builders is None else {k: b.ref for k, b in builders.items()}
+            d = self.claims.settle(D.decide(alert, self.cfg, refs))
+            self.recorder.decision(d)
+            if d.accepted:
+                assert builders is not None
+                task = asyncio.get_running_loop().create_task(self._run(d, builders[(d.host, d.builder)]),
+                                                              name=f"prune {d.host}/{d.builder}")
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            decisions.append(d)
+        return decisions
+
+    async def _run(self, d: D.Decision, builder: Builder) -> None:
+        assert d.request is not None
+        ran = False
+        try:
+            outcome = await self.executor.run(
+                builder, d.request, dry_run=self.dry_run,
+                on_start=lambda cache, disk: self.recorder.started(d, cache, disk))
+            self.recorder.outcome(d, outcome)
+            ran = outcome.ran
+        except Exception:  # noqa: BLE001 - a bug must not kill the service or leave a claim behind
+            log.exception("prune of %s/%s failed unexpectedly", d.host, d.builder)
+        finally:
+            self.claims.release(d, ran)
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let running prunes finish for up to `timeout`, then stop."""
+        self.accepting = False
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+        for t in list(self.tasks):
+            t.cancel()
+        self.executor.close()

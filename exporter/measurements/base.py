@@ -1,0 +1,48 @@
+"""What a measurement is: a name, a default interval, a blocking run, and its metric families."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
+
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from buildkit_cache.builders import Builder
+from buildkit_cache.config import Config
+
+P = "buildkit_cache_"
+B = ["host", "builder"]
+T = TypeVar("T")
+
+Families = dict[str, Metric]
+
+
+def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(P + name, doc, labels=[*B, *labels])
+
+
+def info(name: str, doc: str, *labels: str) -> InfoMetricFamily:
+    return InfoMetricFamily(P + name, doc, labels=[*B, *labels])
+
+
+class Measurement(ABC, Generic[T]):
+    """One thing measured on a builder, in the background, on its own interval."""
+
+    name: str  # the `measurement` label, and its key under exporter.intervals
+    interval: float  # seconds between runs unless the config says otherwise
+
+    def applies(self, builder: Builder) -> bool:
+        return self.name in builder.measurements
+
+    @abstractmethod
+    def run(self, builder: Builder, cfg: Config) -> T:
+        """Measure; blocking, in a worker thread. Raises BuilderError (or OSError) on failure."""
+
+    @abstractmethod
+    def families(self) -> Families:
+        """Fresh, empty metric families for one scrape."""
+
+    @abstractmethod
+    def render(self, families: Families, labels: list[str], value: T) -> None:
+        """Add one builder's value (a successful run's) to the families."""

@@ -1,0 +1,35 @@
+"""`filesystem`: bytes and inodes of the filesystem holding the builder's cache (node_exporter's names)."""
+
+from __future__ import annotations
+
+from buildkit_cache.builders import FILESYSTEM, Builder
+from buildkit_cache.config import Config
+from buildkit_cache.models import FilesystemUsage
+
+from .base import Families, Measurement, gauge
+
+
+class Filesystem(Measurement[FilesystemUsage]):
+    name = FILESYSTEM
+    interval = 30.0
+
+    def run(self, builder: Builder, cfg: Config) -> FilesystemUsage:
+        return builder.filesystem()
+
+    def families(self) -> Families:
+        return {
+            "size": gauge("filesystem_size_bytes", "Size of the filesystem holding the builder's state."),
+            "avail": gauge("filesystem_avail_bytes",
+                           "Bytes available to unprivileged users on the filesystem holding the builder's state."),
+            "files": gauge("filesystem_files", "Inodes of the filesystem holding the builder's state."),
+            "files_free": gauge("filesystem_files_free", "Free inodes of the filesystem holding the builder's state."),
+        }
+
+    def render(self, families: Families, labels: list[str], value: FilesystemUsage) -> None:
+        families["size"].add_metric(labels, value.size_bytes)
+        families["avail"].add_metric(labels, value.avail_bytes)
+        families["files"].add_metric(labels, value.files)
+        families["files_free"].add_metric(labels, value.files_free)
+
+
+MEASUREMENT = Filesystem()

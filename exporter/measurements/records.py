@@ -1,0 +1,41 @@
+"""`records`: bytes and counts by record type and state, and idle bytes by age."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from buildkit_cache.builders import RECORDS, Builder
+from buildkit_cache.config import Config
+from buildkit_cache.units import format_duration
+from buildkit_cache.usage import UsageSummary, summarize
+
+from .base import Families, Measurement, gauge
+
+
+class Records(Measurement[UsageSummary]):
+    name = RECORDS
+    interval = 30.0
+
+    def run(self, builder: Builder, cfg: Config) -> UsageSummary:
+        # Keep the summary, not the records: a busy builder has tens of thousands.
+        return summarize(builder.records(), datetime.now(UTC), cfg.exporter.idle_windows)
+
+    def families(self) -> Families:
+        return {
+            "records": gauge("records", "Cache records by record type and state (in_use, shared, reclaimable).",
+                             "record_type", "state"),
+            "size": gauge("size_bytes", "Cache bytes by record type and state (in_use, shared, reclaimable).",
+                          "record_type", "state"),
+            "idle": gauge("idle_bytes", "Bytes of reclaimable records (not in use, not shared, not internal or "
+                          "frontend) unused for at least idle_for: what a prune with until=idle_for frees.", "idle_for"),
+        }
+
+    def render(self, families: Families, labels: list[str], value: UsageSummary) -> None:
+        for (rtype, state), (count, size) in sorted(value.by_type_state.items()):
+            families["records"].add_metric([*labels, rtype, state], count)
+            families["size"].add_metric([*labels, rtype, state], size)
+        for window, size in sorted(value.idle_bytes.items()):
+            families["idle"].add_metric([*labels, format_duration(window)], size)
+
+
+MEASUREMENT = Records()

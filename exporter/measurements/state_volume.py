@@ -1,0 +1,31 @@
+"""`state_volume`: the on-disk size and inode count of a buildx builder's state volume."""
+
+from __future__ import annotations
+
+from buildkit_cache.builders import STATE_VOLUME, Builder
+from buildkit_cache.config import Config
+from buildkit_cache.models import TreeUsage
+
+from .base import Families, Measurement, gauge
+
+
+class StateVolume(Measurement[TreeUsage]):
+    name = STATE_VOLUME
+    interval = 300.0
+
+    def run(self, builder: Builder, cfg: Config) -> TreeUsage:
+        return builder.state_usage()
+
+    def families(self) -> Families:
+        return {
+            "size": gauge("state_volume_size_bytes", "On-disk size of the builder's state volume (allocated blocks, like du)."),
+            "files": gauge("state_volume_files",
+                           "Files, directories and links in the builder's state volume (inodes it uses)."),
+        }
+
+    def render(self, families: Families, labels: list[str], value: TreeUsage) -> None:
+        families["size"].add_metric(labels, value.bytes)
+        families["files"].add_metric(labels, value.files)
+
+
+MEASUREMENT = StateVolume()
