@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TypeVar
 
 from buildkit_cache.builders import FILESYSTEM, Builder
 from buildkit_cache.errors import BuilderError
@@ -19,6 +19,7 @@ from buildkit_cache.models import CacheRecord, PruneRequest, PruneResult
 from buildkit_cache.prune_plan import plan_prune
 
 log = logging.getLogger("actuator")
+T = TypeVar("T")
 
 LOOKUP_TIMEOUT = 60.0
 MAX_PASSES = 5  # prune calls per incident when BuildKit stops short of its target
@@ -69,7 +70,7 @@ class PruneExecutor:
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.running = 0
 
-    async def _thread(self, fn: Callable[[], Any], timeout: float) -> Any:
+    async def _thread(self, fn: Callable[[], T], timeout: float) -> T:
         loop = asyncio.get_running_loop()
         return await asyncio.wait_for(loop.run_in_executor(self.pool, fn), timeout)
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError
+from buildkit_cache.inventory import BuilderSource
 
 from . import decide as D
 from .audit import Recorder
@@ -26,7 +27,7 @@ FRESH = 2.0  # a builder list younger than this is not asked for again, even for
 class Directory:
     """The builders each Docker host has now, asked for when an alert names one, briefly cached."""
 
-    def __init__(self, inventory, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, inventory: BuilderSource, clock: Callable[[], float] = time.monotonic):
         self.inventory = inventory
         self.clock = clock
         self.cache: dict[str, tuple[float, dict[tuple[str, str], Builder]]] = {}
@@ -53,7 +54,7 @@ class Directory:
 
 
 class ActuatorService:
-    def __init__(self, cfg: Config, inventory, recorder: Recorder, *, dry_run: bool,
+    def __init__(self, cfg: Config, inventory: BuilderSource, recorder: Recorder, *, dry_run: bool,
                  clock: Callable[[], float] = time.time, max_pending: int = 64):
         self.cfg = cfg
         self.recorder = recorder

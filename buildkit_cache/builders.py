@@ -289,7 +289,7 @@ def discover(host: DockerHost, container_names: Mapping[str, str] | None = None,
 
 
 def _state_mount(container: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    mounts = container.get("Mounts") or ()
+    mounts: list[Mapping[str, Any]] = [m for m in container.get("Mounts") or () if isinstance(m, Mapping)]
     for m in mounts:
         if m.get("Destination") == STATE_DIR:
             return m

@@ -6,9 +6,9 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -20,6 +20,7 @@ from .config import DockerTLS
 from .errors import BuilderError, CommandFailed, Unavailable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Connection-level failures: the daemon is down, unreachable or too slow. Reported as Unavailable.
 _CONNECTION_ERRORS = (
@@ -91,7 +92,7 @@ class DockerHost:
             # The system ssh client honours ~/.ssh/config; paramiko would be one more dependency.
             kwargs["use_ssh_client"] = True
         if self.tls is not None:
-            cert = (self.tls.cert_file, self.tls.key_file) if self.tls.cert_file else None
+            cert = (self.tls.cert_file, self.tls.key_file) if self.tls.cert_file and self.tls.key_file else None
             kwargs["tls"] = docker.tls.TLSConfig(
                 client_cert=cert,
                 ca_cert=self.tls.ca_file,
@@ -111,7 +112,7 @@ class DockerHost:
                     pass
             self._client = None
 
-    def _call(self, what: str, fn, client_error: type[BuilderError] = BuilderError):
+    def _call(self, what: str, fn: Callable[[docker.APIClient], T], client_error: type[BuilderError] = BuilderError) -> T:
         """Run one SDK call. A refusal (4xx) raises `client_error`; a daemon that is down, failing
         or too slow raises Unavailable and drops the client so the next call reconnects."""
         client = self.client()
@@ -133,10 +134,10 @@ class DockerHost:
     # -- engine -----------------------------------------------------------------------------------
 
     def version(self) -> Mapping[str, Any]:
-        return self._call("GET /version", lambda c: c.version())
+        return self._call("GET /version", lambda c: _mapping(c.version()))
 
     def info(self) -> Mapping[str, Any]:
-        return self._call("GET /info", lambda c: c.info())
+        return self._call("GET /info", lambda c: _mapping(c.info()))
 
     def system_df_build_cache(self) -> Mapping[str, Any]:
         """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it, and
@@ -148,8 +149,10 @@ class DockerHost:
                 params["type"] = "build-cache"
             if api_at_least(c.api_version, "1.52"):
                 params["verbose"] = "1"
-            res = c._get(c._url("/system/df"), params=params or None)
-            return c._result(res, True)
+            # docker-py 7's df() takes no parameters: the SDK's own request helpers take them. They are
+            # private, hence the pin on docker's major version (pyproject.toml).
+            res = c._get(c._url("/system/df"), params=params or None)  # type: ignore[attr-defined]
+            return _mapping(c._result(res, True))  # type: ignore[attr-defined]
 
         return self._call("GET /system/df", call)
 
@@ -160,8 +163,9 @@ class DockerHost:
         """
 
         def call(c: docker.APIClient) -> Mapping[str, Any]:
-            res = c._post(c._url("/build/prune"), params=dict(params), timeout=timeout)
-            return c._result(res, True)
+            # prune_builds() sends only keep-storage; the newer parameters need the SDK's own request.
+            res = c._post(c._url("/build/prune"), params=dict(params), timeout=timeout)  # type: ignore[attr-defined]
+            return _mapping(c._result(res, True))  # type: ignore[attr-defined]
 
         return self._call("POST /build/prune", call)
 
@@ -169,15 +173,15 @@ class DockerHost:
 
     def containers(self, name_prefix: str) -> list[Mapping[str, Any]]:
         """All containers (running or not) whose name starts with `name_prefix`."""
-        found = self._call(
-            "GET /containers/json", lambda c: c.containers(all=True, filters={"name": name_prefix})
+        found: list[Mapping[str, Any]] = self._call(
+            "GET /containers/json", lambda c: list(c.containers(all=True, filters={"name": name_prefix}))
         )
         return [
             c for c in found if any(n.lstrip("/").startswith(name_prefix) for n in c.get("Names") or ())
         ]
 
     def volumes(self, name_prefix: str) -> list[Mapping[str, Any]]:
-        found = self._call("GET /volumes", lambda c: c.volumes(filters={"name": name_prefix}))
+        found = self._call("GET /volumes", lambda c: _mapping(c.volumes(filters={"name": name_prefix})))
         return [v for v in (found.get("Volumes") or ()) if v.get("Name", "").startswith(name_prefix)]
 
     def exec(self, container: str, argv: Sequence[str], timeout: float | None = None) -> ExecResult:
@@ -194,7 +198,7 @@ class DockerHost:
                 for s in (sock, getattr(sock, "_sock", None)):
                     if s is not None and hasattr(s, "settimeout"):
                         s.settimeout(timeout or self.timeout)
-                frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))
+                frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
                 out, err = consume_socket_output(frames, demux=True)
             finally:
                 sock.close()
@@ -222,6 +226,12 @@ class DockerHost:
             return None
         local = os.path.join(self.host_root, path.lstrip("/"))
         return local if os.path.exists(local) else None
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise BuilderError(f"the engine answered {type(value).__name__}, not a JSON object")
+    return value
 
 
 def _short(exc: BaseException) -> str:

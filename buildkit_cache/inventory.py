@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from .buildctl import LocalBuildctl
 from .builders import Builder, RemoteBuilder, discover, remote_builder
 from .config import Config
 from .docker_api import DockerHost
+
+
+class BuilderSource(Protocol):
+    """Where the programs find builders: Docker hosts to discover on, and fixed remote builders."""
+
+    @property
+    def hosts(self) -> Mapping[str, DockerHost]: ...
+
+    @property
+    def remotes(self) -> Sequence[Builder]: ...
+
+    def discover(self, host: str, info: Mapping[str, Any] | None = None) -> list[Builder]: ...
 
 
 class Inventory:
@@ -30,12 +42,3 @@ class Inventory:
     def discover(self, host: str, info: Mapping[str, Any] | None = None) -> list[Builder]:
         """Builders on one Docker host right now. Raises Unavailable when it cannot be reached."""
         return discover(self.hosts[host], self.cfg.container_names(host), info)
-
-    def find(self, host: str, builder: str) -> Builder | None:
-        """The builder with these `host` and `builder` labels, or None if there is none."""
-        for r in self.remotes:
-            if r.ref.key == (host, builder):
-                return r
-        if host not in self.hosts:
-            return None
-        return next((b for b in self.discover(host) if b.ref.name == builder), None)

@@ -55,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> web.Application:
     app = web.Application()
     app.router.add_get("/metrics", make_aiohttp_handler(registry_for(store, cfg)))
-    app.router.add_get("/-/healthy", lambda _r: web.Response(text="ok\n"))
-    app.router.add_get("/", lambda _r: web.Response(text=LANDING.format(version=__version__), content_type="text/html"))
+
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def landing(_request: web.Request) -> web.Response:
+        return web.Response(text=LANDING.format(version=__version__), content_type="text/html")
+
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/", landing)
     if scheduler is not None:
         async def background(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.create_task(scheduler.run_forever())

@@ -133,7 +133,11 @@ class Scheduler:
             coro = self.measure(state.builder, key[3])
         task = asyncio.get_running_loop().create_task(coro, name="/".join(key))
         self.running[key] = task
-        task.add_done_callback(lambda _t, k=key: self.running.pop(k, None))
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self.running.pop(key, None)
+
+        task.add_done_callback(done)
 
     async def run_forever(self, tick: float = 0.5) -> None:
         """Start each job when it is due and not already running; never returns."""

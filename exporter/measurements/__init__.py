@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
+from typing import Any
 
 from buildkit_cache.config import Config, ConfigError
 
 from . import filesystem, gc_policy, records, state_volume
 from .base import Families, Measurement
 
-MEASUREMENTS: tuple[Measurement, ...] = (records.MEASUREMENT, gc_policy.MEASUREMENT, filesystem.MEASUREMENT,
+MEASUREMENTS: tuple[Measurement[Any], ...] = (records.MEASUREMENT, gc_policy.MEASUREMENT, filesystem.MEASUREMENT,
                                          state_volume.MEASUREMENT)
-BY_NAME: Mapping[str, Measurement] = {m.name: m for m in MEASUREMENTS}
+BY_NAME: Mapping[str, Measurement[Any]] = {m.name: m for m in MEASUREMENTS}
 
 DISCOVERY = "discovery"
 DISCOVERY_INTERVAL = 30.0

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
-from prometheus_client.metrics_core import Metric
 
 from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
@@ -15,7 +14,8 @@ P = "buildkit_cache_"
 B = ["host", "builder"]
 T = TypeVar("T")
 
-Families = dict[str, Metric]
+# Gauge and info families by a short key; their add_metric() signatures differ, hence Any.
+Families = dict[str, Any]
 
 
 def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
