@@ -35,22 +35,24 @@ class Directory:
 
     async def lookup(self, host: str, builder: str) -> dict[tuple[str, str], Builder] | None:
         """The builders labelled with `host`; None if that Docker host cannot be asked right now."""
-        found = {r.ref.key: r for r in self.inventory.remotes if r.ref.host == host}
+        remotes: dict[tuple[str, str], Builder] = {r.ref.key: r for r in self.inventory.remotes if r.ref.host == host}
         if host not in self.inventory.hosts:
-            return found
+            return remotes
         async with self.lock:
             cached = self.cache.get(host)
             if cached and ((host, builder) in cached[1] or self.clock() - cached[0] < FRESH):
-                return {**found, **cached[1]}
+                return {**remotes, **cached[1]}
             try:
                 loop = asyncio.get_running_loop()
-                builders = await asyncio.wait_for(loop.run_in_executor(None, self.inventory.discover, host),
-                                                  DISCOVERY_TIMEOUT)
+                found = await asyncio.wait_for(loop.run_in_executor(None, self.inventory.discover, host),
+                                               DISCOVERY_TIMEOUT)
             except (BuilderError, TimeoutError) as exc:
                 log.warning("cannot list the builders of Docker host %s: %s", host, exc or "timed out")
                 return None
-            self.cache[host] = (self.clock(), {b.ref.key: b for b in builders})
-            return {**found, **self.cache[host][1]}
+            for line in found.refused:
+                log.error("docker host %s: %s", host, line)
+            self.cache[host] = (self.clock(), {b.ref.key: b for b in found.builders})
+            return {**remotes, **self.cache[host][1]}
 
 
 class ActuatorService:

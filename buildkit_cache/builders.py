@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,21 +253,59 @@ def builder_name_for_node(node: str) -> str:
     return node
 
 
+@dataclass(frozen=True)
+class Discovered:
+    """The builders found on a Docker host, and what was said about their names."""
+
+    builders: list[Builder]
+    renamed: tuple[str, ...] = ()  # names told apart (each is one log line)
+    refused: tuple[str, ...] = ()  # containers or volumes left out: their name is not theirs alone
+
+
+def resolve_names(nodes: Sequence[tuple[str, str, bool]], taken: Iterable[str] = ()) -> tuple[
+        dict[str, str], list[str], list[str]]:
+    """Builder names for buildx nodes, never shared: `nodes` are (node, proposed name, named by the
+    config). Containers `buildx_buildkit_ci1` (builder ci, node 1) and `buildx_buildkit_ci10` (builder
+    ci1, node 0) would both be `ci1`: such nodes are named by their node names instead (`ci1`, `ci10`),
+    unless the config named them. A name still shared, or `taken` (the engine's `default`, a remote
+    builder's), is refused: neither measured nor pruned, and said so. Pure."""
+    taken = set(taken)
+    proposed = Counter(p for _, p, _ in nodes) + Counter(taken)
+    names: dict[str, str] = {}
+    renamed: list[str] = []
+    for node, name, configured in nodes:
+        if proposed[name] > 1 and not configured:
+            renamed.append(f"{CONTAINER_PREFIX}{node} would be builder {name!r}, as would another; "
+                           f"named {node!r} after its node")
+            name = node
+        names[node] = name
+    final = Counter(names.values()) + Counter(taken)
+    refused = []
+    for node, name in list(names.items()):
+        if final[name] > 1:
+            refused.append(f"{CONTAINER_PREFIX}{node}: builder name {name!r} is not its alone "
+                           f"(another builder or the config has it); neither measured nor pruned")
+            del names[node]
+    return names, renamed, refused
+
+
 def discover(host: DockerHost, container_names: Mapping[str, str] | None = None,
-             info: Mapping[str, Any] | None = None) -> list[Builder]:
+             info: Mapping[str, Any] | None = None, taken: Iterable[str] = ()) -> Discovered:
     """Every builder on a Docker host: the engine's own, buildx containers, and leaked state volumes.
 
-    `container_names` maps a container name to the builder name the config gives it.
+    `container_names` maps a container name to the builder name the config gives it; `taken` are
+    names on this host that belong to others (remote builders the config labels with it).
     `info` is the host's `GET /info`, if the caller has it. Raises Unavailable when the daemon
     cannot be reached.
     """
     container_names = container_names or {}
     info = info if info is not None else host.info()
-    builders: list[Builder] = [
-        EngineBuilder(BuilderRef(host.name, "default", DRIVER_DOCKER), host, engine_storage(info, host.containerd_root))
-    ]
+    engine = EngineBuilder(BuilderRef(host.name, "default", DRIVER_DOCKER), host,
+                           engine_storage(info, host.containerd_root))
     volumes = {v["Name"]: v for v in host.volumes(CONTAINER_PREFIX) if v.get("Name", "").endswith(STATE_SUFFIX)}
     claimed: set[str] = set()
+    # node -> (proposed name, configured, how to make the builder once it has a name)
+    found: dict[str, tuple[str, bool, Callable[[str], Builder]]] = {}
     for c in host.containers(CONTAINER_PREFIX):
         name = next(n.lstrip("/") for n in c["Names"] if n.lstrip("/").startswith(CONTAINER_PREFIX))
         mount = _state_mount(c)
@@ -275,17 +314,30 @@ def discover(host: DockerHost, container_names: Mapping[str, str] | None = None,
         if volume in volumes:
             mountpoint = volumes[volume].get("Mountpoint") or mountpoint
         claimed.add(volume)
-        builder = container_names.get(name) or builder_name_for_node(name[len(CONTAINER_PREFIX):])
-        ref = BuilderRef(host.name, builder, DRIVER_CONTAINER, container=name, volume=volume)
-        builders.append(ContainerBuilder(ref, host, mountpoint, mount.get("Destination", STATE_DIR) if mount else STATE_DIR))
+        state_dir = mount.get("Destination", STATE_DIR) if mount else STATE_DIR
+
+        def make(b: str, name: str = name, volume: str = volume, mountpoint: str = mountpoint,
+                 state_dir: str = state_dir) -> Builder:
+            return ContainerBuilder(BuilderRef(host.name, b, DRIVER_CONTAINER, container=name, volume=volume),
+                                    host, mountpoint, state_dir)
+
+        node = name[len(CONTAINER_PREFIX):]
+        found[node] = (container_names.get(name) or builder_name_for_node(node), name in container_names, make)
     for name, v in sorted(volumes.items()):
         if name in claimed:
             continue
         container = name[: -len(STATE_SUFFIX)]
-        builder = container_names.get(container) or builder_name_for_node(container[len(CONTAINER_PREFIX):])
-        ref = BuilderRef(host.name, builder, DRIVER_CONTAINER, container="", volume=name)
-        builders.append(ContainerBuilder(ref, host, v.get("Mountpoint", "")))
-    return builders
+
+        def make_leaked(b: str, name: str = name, mountpoint: str = str(v.get("Mountpoint", ""))) -> Builder:
+            return ContainerBuilder(BuilderRef(host.name, b, DRIVER_CONTAINER, container="", volume=name), host,
+                                    mountpoint)
+
+        node = container[len(CONTAINER_PREFIX):]
+        found.setdefault(node, (container_names.get(container) or builder_name_for_node(node),
+                                container in container_names, make_leaked))
+    names, renamed, refused = resolve_names([(n, p, c) for n, (p, c, _) in found.items()], {"default", *taken})
+    builders: list[Builder] = [engine] + [found[node][2](name) for node, name in names.items()]
+    return Discovered(builders, tuple(renamed), tuple(refused))
 
 
 def _state_mount(container: Mapping[str, Any]) -> Mapping[str, Any] | None:

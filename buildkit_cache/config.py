@@ -284,6 +284,9 @@ class Config:
             where = f"builders.{key}"
             if not name:
                 raise Invalid("expected <builder> or <host>/<builder>", where)
+            if b.address and sep and host in names and name == "default":
+                raise Invalid(f"{host}/default is the engine's own builder on Docker host {host!r}; "
+                              "give the remote builder another name", where)
             if sep and not b.address and host not in names:
                 raise Invalid(f"no Docker host is named {host!r}; hosts are: {', '.join(names)}", where)
             if not sep and not b.address and len(names) > 1:

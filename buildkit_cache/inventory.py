@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from .buildctl import LocalBuildctl
-from .builders import Builder, RemoteBuilder, discover, remote_builder
+from .builders import Builder, Discovered, RemoteBuilder, discover, remote_builder
 from .config import Config
 from .docker_api import DockerHost
 
@@ -20,7 +20,7 @@ class BuilderSource(Protocol):
     @property
     def remotes(self) -> Sequence[Builder]: ...
 
-    def discover(self, host: str, info: Mapping[str, Any] | None = None) -> list[Builder]: ...
+    def discover(self, host: str, info: Mapping[str, Any] | None = None) -> Discovered: ...
 
 
 class Inventory:
@@ -39,6 +39,10 @@ class Inventory:
             ctl = LocalBuildctl(b.address, binary=cfg.exporter.buildctl, timeout=cfg.exporter.timeout, tls=b.tls)
             self.remotes.append(remote_builder(host, name, ctl))
 
-    def discover(self, host: str, info: Mapping[str, Any] | None = None) -> list[Builder]:
-        """Builders on one Docker host right now. Raises Unavailable when it cannot be reached."""
-        return discover(self.hosts[host], self.cfg.container_names(host), info)
+    def discover(self, host: str, info: Mapping[str, Any] | None = None) -> Discovered:
+        """Builders on one Docker host right now. Raises Unavailable when it cannot be reached.
+
+        The exporter and the actuator both name builders here, so a label names the same builder
+        for both; names remote builders have on this host are not given to its containers."""
+        taken = {r.ref.name for r in self.remotes if r.ref.host == host}
+        return discover(self.hosts[host], self.cfg.container_names(host), info, taken)

@@ -48,6 +48,9 @@ class CacheCollector(Collector):
                                     labels=["host"])
         host_info = InfoMetricFamily(P + "docker_host", "Docker Engine version of the host.",
                                      labels=["host", "version", "api_version"])
+        conflicts = GaugeMetricFamily(P + "builder_name_conflicts",
+                                      "Builder containers or volumes on the host neither measured nor pruned because "
+                                      "their builder name is not theirs alone (see the exporter's log).", labels=["host"])
 
         for (host, name), state in sorted(builders.items()):
             labels = [host, name]
@@ -74,6 +77,7 @@ class CacheCollector(Collector):
             host_up.add_metric([host], 1.0 if hs.up else 0.0)
             if hs.up:
                 host_info.add_metric([host, hs.version, hs.api_version], {})
+                conflicts.add_metric([host], len(hs.refused))
 
         build = InfoMetricFamily(P + "exporter_build", "The exporter's version and Python version.",
                                  labels=["version", "python_version"])
@@ -81,7 +85,7 @@ class CacheCollector(Collector):
 
         for _m, families in own:
             yield from families.values()
-        yield from (success, duration, last_ok, budget, host_up, builder_info, host_info, build)
+        yield from (success, duration, last_ok, budget, host_up, builder_info, host_info, conflicts, build)
 
 
 def registry_for(store: Store, cfg: Config) -> CollectorRegistry:

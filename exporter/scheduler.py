@@ -57,9 +57,10 @@ class Scheduler:
         def work() -> tuple[list[Builder], HostState]:
             docker = self.inventory.hosts[host]
             info = docker.info()
-            builders = self.inventory.discover(host, info)
-            return builders, HostState(True, version=str(info.get("ServerVersion", "")),
-                                       api_version=docker.api_version)
+            found = self.inventory.discover(host, info)
+            return found.builders, HostState(True, version=str(info.get("ServerVersion", "")),
+                                             api_version=docker.api_version, renamed=found.renamed,
+                                             refused=found.refused)
 
         try:
             builders, state = await self._in_thread(work)
@@ -74,6 +75,13 @@ class Scheduler:
         previous = self.store.hosts.get(host)
         if previous is not None and not previous.up:
             log.info("docker host %s: reachable again", host)
+        said = set(previous.renamed + previous.refused) if previous else set()
+        for line in state.renamed:
+            if line not in said:
+                log.warning("docker host %s: %s", host, line)
+        for line in state.refused:
+            if line not in said:
+                log.error("docker host %s: %s", host, line)
         self.store.set_host(host, state)
         added, gone = self.store.set_host_builders(host, builders)
         for b in added:

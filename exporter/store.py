@@ -42,6 +42,8 @@ class HostState:
     error: str = ""
     version: str = ""
     api_version: str = ""
+    renamed: tuple[str, ...] = ()  # builders named after their nodes to tell them apart
+    refused: tuple[str, ...] = ()  # containers or volumes left out: their builder name is not theirs alone
 
 
 class Store:

@@ -47,6 +47,11 @@ def work_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
+def pytest_report_header(config):
+    return ["engines: " + ", ".join(f"{e.id} (Debian {e.release}, {'the host' + chr(39) + 's package' if e.tree == '/' else e.tree})"
+                                    for e in ENGINES)]
+
+
 @pytest.fixture(scope="session", params=ENGINES, ids=[e.id for e in ENGINES])
 def engine(request) -> engines.Engine:
     eng = request.param

@@ -44,3 +44,17 @@ def test_the_config_names_containerds_root_where_info_cannot_tell():
     assert s.path == "/srv/containerd/io.containerd.snapshotter.v1.overlayfs"
     # A classic-store engine ignores it: its cache is in the graph driver.
     assert engine_storage(info("docker-engine-28.5/info.json"), "/srv/containerd").image_store == "overlay2"
+
+
+def test_builder_names_that_would_collide_are_told_apart_or_refused():
+    from buildkit_cache.builders import resolve_names
+
+    names, renamed, refused = resolve_names([("ci1", "ci1", False), ("ci10", "ci1", False), ("kamal0", "kamal", False)],
+                                            {"default"})
+    assert names == {"ci1": "ci1", "ci10": "ci10", "kamal0": "kamal"} and len(renamed) == 2 and refused == []
+    # A container named like the engine's builder, or like a remote builder, is told apart by its node.
+    names, _, _ = resolve_names([("default0", "default", False)], {"default"})
+    assert names == {"default0": "default0"}
+    # Names the config gave are never changed: two alike are refused, both.
+    names, _, refused = resolve_names([("a0", "x", True), ("b0", "x", True)], {"default"})
+    assert names == {} and len(refused) == 2

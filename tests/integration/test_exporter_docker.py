@@ -94,7 +94,7 @@ def test_engine_records_keep_their_parent_links(build_cache):
     want = {r["ID"]: tuple(r.get(" Parents") or r.get("Parents") or ([r["Parent"]] if r.get("Parent") else []))
             for r in raw}
     assert any(want.values()), "the builds made records with parents"
-    (engine,) = [b for b in Inventory(config_for(build_cache)).discover("test") if b.ref.name == "default"]
+    (engine,) = [b for b in Inventory(config_for(build_cache)).discover("test").builders if b.ref.name == "default"]
     assert {r.id: r.parents for r in engine.records()} == want
 
 
