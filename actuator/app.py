@@ -70,6 +70,9 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
     async def healthz(_request: web.Request) -> web.Response:
         if not service.accepting:
             return web.Response(status=503, text="shutting down\n")
+        problem = await service.docker_problem()
+        if problem:  # never ok while prunes cannot work
+            return web.Response(status=503, text=f"cannot prune: {problem}\n")
         return web.Response(text="ok\n")
 
     async def on_cleanup(app: web.Application) -> None:

@@ -31,15 +31,22 @@ def _clean(value: Any) -> Any:
 class AuditLog:
     """Appends JSON lines to stderr and, with a path, to a file."""
 
-    def __init__(self, path: str | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str | None = None, clock: Callable[[], float] = time.time, create: bool = True):
         self.path = path
         self.clock = clock
         self._lock = threading.Lock()
-        if path:
+        if path and create:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             # Fail at start, not at the first prune, if the file cannot be written.
             with open(path, "a", encoding="utf-8"):
                 pass
+        elif path:
+            # --check-config: say whether start-up could write it, and write nothing.
+            target = path if os.path.exists(path) else os.path.dirname(os.path.abspath(path))
+            while not os.path.exists(target):
+                target = os.path.dirname(target)
+            if not os.access(target, os.W_OK):
+                raise PermissionError(13, "Permission denied", path)
 
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         entry = {"ts": round(self.clock(), 3), "event": event,

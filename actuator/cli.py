@@ -7,7 +7,8 @@ import logging
 import sys
 
 from buildkit_cache import __version__
-from buildkit_cache.cli_support import Exit, load_config, print_effective_config, serve
+from buildkit_cache.checks import socket_problem
+from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.inventory import Inventory
 
 from .app import make_app
@@ -58,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg, (host, port) = load_config(prog, args.config, args.listen, "actuator")
     except Exit as exc:
         return exc.code
-    if args.check_config:
-        print_effective_config(cfg)
-        return 0
+    # What start-up needs, checked by --check-config too: the secrets, TLS files, the audit file,
+    # and a Docker socket this process may use.
     try:
         credentials = load_credentials(cfg.actuator.auth)
         ssl_context = server_ssl_context(cfg.actuator.tls) if cfg.actuator.tls else None
-        audit = AuditLog(cfg.actuator.audit_log)
+        audit = AuditLog(cfg.actuator.audit_log, create=not args.check_config)
     except AuthSetupError as exc:
         print(f"{prog}: {cfg.source}: {exc}", file=sys.stderr)
         return 2
@@ -72,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: {cfg.source}: actuator.audit_log: cannot write {cfg.actuator.audit_log}: {exc.strerror}",
               file=sys.stderr)
         return 2
+    problems = [f"docker_hosts {h.name!r}: {p}" for h in cfg.docker_hosts if (p := socket_problem(h.url))]
+    for line in problems:
+        print(f"{prog}: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    if args.check_config:
+        print_effective_config(cfg)
+        check_against_hosts(prog, cfg)
+        return 0
     if not credentials.enabled and not args.insecure_no_auth:
         print(f"{prog}: refusing to start without authentication: set actuator.auth.bearer_token_file or "
               "actuator.auth.basic_auth, or pass --insecure-no-auth", file=sys.stderr)

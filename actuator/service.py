@@ -22,6 +22,7 @@ log = logging.getLogger("actuator")
 
 DISCOVERY_TIMEOUT = 10.0  # a notification's reply waits at most this for a Docker host's builder list
 FRESH = 2.0  # a builder list younger than this is not asked for again, even for a name it lacks
+HEALTH_EVERY = 10.0  # seconds between /healthz's checks of the Docker hosts
 
 
 class Directory:
@@ -68,6 +69,25 @@ class ActuatorService:
         recorder.metrics.track_in_progress(lambda: self.executor.running)
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        self.inventory = inventory
+        self._docker_checked: tuple[float, str | None] = (-HEALTH_EVERY, None)
+
+    async def docker_problem(self) -> str | None:
+        """Why prunes cannot work right now (a Docker host that does not answer), or None; asked at
+        most every HEALTH_EVERY seconds, so /healthz stays cheap."""
+        checked_at, problem = self._docker_checked
+        if time.monotonic() - checked_at < HEALTH_EVERY:
+            return problem
+        problem = None
+        loop = asyncio.get_running_loop()
+        for name, host in self.inventory.hosts.items():
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, host.version), 5.0)
+            except (BuilderError, TimeoutError) as exc:
+                problem = f"docker host {name}: {exc or 'no answer within 5s'}"
+                break
+        self._docker_checked = (time.monotonic(), problem)
+        return problem
 
     def can_accept(self) -> bool:
         return self.accepting and len(self.tasks) < self.max_pending

@@ -9,7 +9,10 @@ import sys
 import yaml
 from aiohttp import web
 
+from .checks import unmatched_builder_settings
 from .config import LISTEN, Config, ConfigError, as_dict, load
+from .errors import BuilderError
+from .inventory import Inventory
 
 
 class Exit(Exception):
@@ -37,6 +40,19 @@ def load_config(prog: str, path: str | None, listen_flag: str | None, default_li
 
 def print_effective_config(cfg: Config) -> None:
     sys.stdout.write(yaml.safe_dump(as_dict(cfg), sort_keys=False))
+
+
+def check_against_hosts(prog: str, cfg: Config) -> None:
+    """For --check-config: warn (on stderr) about builder settings no Docker host's builders match."""
+    inventory = Inventory(cfg)
+    found: dict[str, list[str]] = {}
+    for name in inventory.hosts:
+        try:
+            found[name] = [b.ref.name for b in inventory.discover(name).builders]
+        except BuilderError as exc:
+            print(f"{prog}: warning: cannot check the builders of Docker host {name!r}: {exc}", file=sys.stderr)
+    for line in unmatched_builder_settings(cfg, found):
+        print(f"{prog}: warning: {cfg.source}: {line}", file=sys.stderr)
 
 
 def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str,

@@ -171,7 +171,8 @@ class BuilderConfig:
 
 @dataclass(frozen=True)
 class ExporterConfig:
-    listen: tuple[str, int] = setting(("0.0.0.0", 9862), kind=LISTEN)
+    # Loopback unless told otherwise: builder names can carry an ssh user and an address.
+    listen: tuple[str, int] = setting(("127.0.0.1", 9862), kind=LISTEN)
     timeout: float = setting(60.0, kind=POSITIVE_DURATION)
     buildctl: str = "buildctl"
     # How often discovery and each measurement run, over their own defaults: each measurement owns its

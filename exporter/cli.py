@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from buildkit_cache import __version__
-from buildkit_cache.cli_support import Exit, load_config, print_effective_config, serve
+from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.config import Config, ConfigError
 from buildkit_cache.inventory import Inventory
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docker-host", metavar="URL", action="append", dest="docker_hosts",
                    help="Docker host to watch (unix://, tcp://, ssh://); repeatable; replaces docker_hosts from the "
                         "config (default: $DOCKER_HOST, else unix:///var/run/docker.sock)")
-    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve /metrics on (default: exporter.listen, 0.0.0.0:9862)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address to serve /metrics on (default: exporter.listen, 127.0.0.1:9862)")
     p.add_argument("--check-config", action="store_true", help="validate the config, print the effective config and exit")
     p.add_argument("--once", action="store_true",
                    help="collect once, print the metrics and exit; exits 1 if any builder or host failed")
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_config:
         print_effective_config(cfg)
+        check_against_hosts(PROG, cfg)
         return 0
     if args.once:
         return asyncio.run(_once(cfg))

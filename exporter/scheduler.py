@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from buildkit_cache.builders import Builder
+from buildkit_cache.checks import unmatched_builder_settings
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError
 from buildkit_cache.inventory import Inventory
@@ -58,9 +59,10 @@ class Scheduler:
             docker = self.inventory.hosts[host]
             info = docker.info()
             found = self.inventory.discover(host, info)
+            unmatched = unmatched_builder_settings(self.cfg, {host: [b.ref.name for b in found.builders]})
             return found.builders, HostState(True, version=str(info.get("ServerVersion", "")),
                                              api_version=docker.api_version, renamed=found.renamed,
-                                             refused=found.refused)
+                                             refused=found.refused, unmatched=tuple(unmatched))
 
         try:
             builders, state = await self._in_thread(work)
@@ -75,7 +77,10 @@ class Scheduler:
         previous = self.store.hosts.get(host)
         if previous is not None and not previous.up:
             log.info("docker host %s: reachable again", host)
-        said = set(previous.renamed + previous.refused) if previous else set()
+        said = set(previous.renamed + previous.refused + previous.unmatched) if previous else set()
+        for line in state.unmatched:
+            if line not in said:
+                log.warning("%s: %s", self.cfg.source, line)
         for line in state.renamed:
             if line not in said:
                 log.warning("docker host %s: %s", host, line)
@@ -116,9 +121,18 @@ class Scheduler:
             self.store.set_result(builder.ref.key, measurement,
                                   Result(False, time.monotonic() - started, error="internal error"))
             return
+        state = self.store.builders.get(builder.ref.key)
+        before = state.results.get(measurement) if state else None
         self.store.set_result(builder.ref.key, measurement,
                               Result(True, time.monotonic() - started, value=value,
                                      last_success_timestamp=self.clock()))
+        if before is not None and before.success and m.shrank(before.value, value):
+            # The cache shrank (a prune, BuildKit's GC): what depends on its size is stale now,
+            # not at its next interval (a state volume walk can be 10 minutes away).
+            for other in m.invalidates:
+                key = ("measure", *builder.ref.key, other)
+                if key in self.next_due:
+                    self.next_due[key] = 0.0
 
     # -- forever --------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class HostState:
     api_version: str = ""
     renamed: tuple[str, ...] = ()  # builders named after their nodes to tell them apart
     refused: tuple[str, ...] = ()  # containers or volumes left out: their builder name is not theirs alone
+    unmatched: tuple[str, ...] = ()  # builder settings of the config that match no builder here
 
 
 class Store:

@@ -43,7 +43,9 @@ def test_an_unreadable_or_empty_token_file_is_a_clear_error(tmp_path):
 
 def test_check_config_shows_loopback_default_and_actions(tmp_path):
     cfg = tmp_path / "c.yml"
-    cfg.write_text("actuator:\n  actions:\n    nightly: {kind: prune-idle, idle_for: 1d}\n")
+    (tmp_path / "token").write_text("t\n")
+    cfg.write_text(f"docker_hosts: [unix://{tmp_path}/none.sock]\nactuator:\n  auth: {{bearer_token_file: {tmp_path}/token}}\n"
+                   "  actions:\n    nightly: {kind: prune-idle, idle_for: 1d}\n")
     done = run("--config", str(cfg), "--check-config")
     assert done.returncode == 0, done.stderr
     eff = yaml.safe_load(done.stdout)["actuator"]
@@ -103,3 +105,11 @@ actuator:
     finally:
         assert svc.stop() == 0, svc.output()
     assert "listening on https://127.0.0.1" in svc.output()
+
+
+def test_check_config_catches_what_start_up_would(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"actuator: {{auth: {{bearer_token_file: {tmp_path}/missing}}}}\n")
+    done = run("--config", str(cfg), "--check-config")
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"actuator.auth.bearer_token_file: cannot read {tmp_path}/missing" in done.stderr

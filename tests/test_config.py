@@ -52,7 +52,7 @@ def test_defaults_watch_the_local_docker_socket(monkeypatch):
     (host,) = cfg.docker_hosts
     assert host.url == "unix:///var/run/docker.sock"
     assert host.name == "local" and host.host_root == "/"
-    assert cfg.exporter.listen == ("0.0.0.0", 9862)
+    assert cfg.exporter.listen == ("127.0.0.1", 9862)
     assert cfg.actuator.listen == ("127.0.0.1", 9863)
 
 
@@ -66,7 +66,7 @@ def test_docker_host_env_is_the_default(monkeypatch):
 
 def test_full_example_config_loads():
     cfg = load(str(ROOT / "deploy" / "config.example.yml"))
-    assert cfg.builders["kamal-remote"].budget == 20_000_000_000
+    assert cfg.budget_for("local", "kamal-remote-ssh---root-10-0-0-5") == 20_000_000_000
     assert cfg.exporter.intervals["state_volume"] == 600
     assert cfg.actuator.actions["prune-idle"].idle_for == 7 * 86400
 
@@ -215,3 +215,47 @@ def test_the_printed_effective_config_loads_back_unchanged(tmp_path, prog):
     assert again.returncode == 0, again.stderr
     assert again.stdout == first.stdout
     assert load(str(printed)) == load(str(p)) or prog.endswith("exporter")  # the exporter fills its intervals
+
+
+def test_settings_for_a_builder_no_host_has_are_named_with_what_was_found():
+    from buildkit_cache.checks import unmatched_builder_settings
+
+    cfg = parse_config({"builders": {"kamal-remote-ssh---root-10-0-0-50": {"budget": "20GB"},
+                                     "ci": {"address": "tcp://buildkitd:1234"}}})
+    (line,) = unmatched_builder_settings(cfg, {"local": ["default", "kamal-remote-ssh---root-10-0-0-5"]})
+    assert "no builder 'kamal-remote-ssh---root-10-0-0-50' on Docker host 'local'" in line
+    assert "did you mean 'kamal-remote-ssh---root-10-0-0-5'?" in line
+    assert "Builders found there: default, kamal-remote-ssh---root-10-0-0-5" in line
+    assert unmatched_builder_settings(cfg, {}) == []  # a host that was not reached says nothing
+
+
+def test_a_socket_this_process_may_not_use_is_explained(tmp_path):
+    import os
+    import shutil
+    import socket as sk
+    import tempfile
+
+    from buildkit_cache.checks import socket_problem
+
+    # A folder an unprivileged user may enter (pytest's are private to root).
+    d = Path(tempfile.mkdtemp(prefix="bkce-sock-", dir="/dev/shm"))
+    d.chmod(0o755)
+    path = d / "docker.sock"
+    s = sk.socket(sk.AF_UNIX)
+    s.bind(str(path))
+    try:
+        assert socket_problem(f"unix://{path}") is None  # root may
+        assert socket_problem(f"unix://{tmp_path}/missing.sock") is None  # not there yet: it may come
+        os.chmod(path, 0o660)
+        os.chown(path, 0, 4242)
+        pid = os.fork()
+        if pid == 0:  # as an unprivileged user without group 4242
+            os.setgroups([])
+            os.setgid(10001)
+            os.setuid(10001)
+            problem = socket_problem(f"unix://{path}") or ""
+            os._exit(0 if "group id 4242" in problem and "--group-add 4242" in problem else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        s.close()
+        shutil.rmtree(d, ignore_errors=True)

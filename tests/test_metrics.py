@@ -128,3 +128,29 @@ def test_store_keeps_results_of_builders_still_there_and_drops_those_gone():
     a3.ref = dataclasses.replace(a3.ref, volume="other")
     added, _ = store.set_host_builders("h1", [a3])
     assert added == [a3] and store.builders[a.ref.key].results == {}
+
+
+async def test_when_the_cache_shrinks_its_volume_and_filesystem_are_measured_again_at_once():
+    import asyncio
+
+    b = RecordedBuilder("kamal")
+    slow = {k: "1h" for k in ("discovery", "gc_policy", "state_volume", "filesystem")}
+    cfg = parse_config({"docker_hosts": [H1], "exporter": {"intervals": {**slow, "records": "100ms"}}})
+    s = Scheduler(cfg, StaticInventory([b]), Store())
+    task = asyncio.create_task(s.run_forever(tick=0.02))
+    try:
+        for _ in range(100):
+            if b.calls.get("records", 0) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        assert b.calls["state_volume"] == 1 and b.calls["filesystem"] == 1
+        b.current = b.current[:-3]  # a prune
+        for _ in range(100):
+            if b.calls["state_volume"] == 2 and b.calls["filesystem"] == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert b.calls["state_volume"] == 2 and b.calls["filesystem"] == 2
+        assert b.calls.get("gc_policy") == 1  # not about the cache's size
+    finally:
+        task.cancel()
+        s.close()

@@ -31,6 +31,11 @@ class Measurement(ABC, Generic[T]):
 
     name: str  # the `measurement` label, and its key under exporter.intervals
     interval: float  # seconds between runs unless the config says otherwise
+    invalidates: tuple[str, ...] = ()  # measurements to run again at once when this one shrank
+
+    def shrank(self, before: T, after: T) -> bool:
+        """Whether the thing measured got smaller between two successful runs."""
+        return False
 
     def applies(self, builder: Builder) -> bool:
         return self.name in builder.measurements

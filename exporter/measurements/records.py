@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from buildkit_cache.builders import RECORDS, Builder
+from buildkit_cache.builders import FILESYSTEM, RECORDS, STATE_VOLUME, Builder
 from buildkit_cache.config import Config
 from buildkit_cache.units import format_duration
 from buildkit_cache.usage import UsageSummary, summarize
@@ -15,6 +15,10 @@ from .base import Families, Measurement, gauge
 class Records(Measurement[UsageSummary]):
     name = RECORDS
     interval = 30.0
+    invalidates = (STATE_VOLUME, FILESYSTEM)
+
+    def shrank(self, before: UsageSummary, after: UsageSummary) -> bool:
+        return after.total_bytes < before.total_bytes
 
     def run(self, builder: Builder, cfg: Config) -> UsageSummary:
         # Keep the summary, not the records: a busy builder has tens of thousands.

@@ -35,9 +35,11 @@ class RecordedBuilder(Builder):
         self.short_prunes = short_prunes
         self.running = 0
         self.max_running = 0
+        self.calls: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _check(self, m):
+        self.calls[m] = self.calls.get(m, 0) + 1
         if self.hang is not None and m in self.broken:
             self.hang.wait(5)
         if m in self.broken:
