@@ -19,8 +19,9 @@ from .prune_api import buildctl_prune_args, prune_result_from_records
 
 
 class Runner(Protocol):
-    def __call__(self, args: Sequence[str], timeout: float | None = None) -> str:
-        """Run `buildctl <args>` and return its standard output; raise BuilderError on failure."""
+    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
+        """Run `buildctl <args>` and return its standard output; raise BuilderError on failure.
+        `retry`: whether the command may run twice (not a prune)."""
 
 
 class ContainerBuildctl:
@@ -30,8 +31,8 @@ class ContainerBuildctl:
         self.host = host
         self.container = container
 
-    def __call__(self, args: Sequence[str], timeout: float | None = None) -> str:
-        return self.host.exec_checked(self.container, ["buildctl", *args], timeout)
+    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
+        return self.host.exec_checked(self.container, ["buildctl", *args], timeout, retry)
 
 
 class LocalBuildctl:
@@ -53,7 +54,7 @@ class LocalBuildctl:
                     argv += [flag, value]
         return argv + list(args)
 
-    def __call__(self, args: Sequence[str], timeout: float | None = None) -> str:
+    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
         timeout = timeout or self.timeout
         if shutil.which(self.binary) is None:
             raise Unavailable(f"buildctl not found (looked for {self.binary!r} on PATH); "
@@ -109,11 +110,11 @@ class BuildctlClient:
         args = buildctl_prune_args(req)
         if self._json_prune:
             try:
-                out = self.run([*args, "--format", "json"], timeout)
+                out = self.run([*args, "--format", "json"], timeout, retry=False)
                 return prune_result_from_records(parse.parse_buildctl_prune_json(out))
             except CommandFailed as exc:
                 if not _unknown_flag(exc):
                     raise
                 self._json_prune = False
-        ids, total = parse.parse_buildctl_prune_table(self.run(args, timeout))
+        ids, total = parse.parse_buildctl_prune_table(self.run(args, timeout, retry=False))
         return PruneResult(records_deleted=len(ids), bytes_reclaimed=total, deleted_ids=tuple(ids))

@@ -112,20 +112,31 @@ class DockerHost:
                     pass
             self._client = None
 
-    def _call(self, what: str, fn: Callable[[docker.APIClient], T], client_error: type[BuilderError] = BuilderError) -> T:
+    def _call(self, what: str, fn: Callable[[docker.APIClient], T], client_error: type[BuilderError] = BuilderError,
+              retry: bool = True) -> T:
         """Run one SDK call. A refusal (4xx) raises `client_error`; a daemon that is down, failing
-        or too slow raises Unavailable and drops the client so the next call reconnects."""
-        client = self.client()
-        try:
-            return fn(client)
-        except docker.errors.APIError as exc:
-            if exc.status_code is not None and exc.status_code < 500:
-                raise client_error(f"{what} on {self.name}: {_short(exc)}") from exc
-            self._reset()
-            raise Unavailable(f"{what} on {self.name}: {_short(exc)}") from exc
-        except _CONNECTION_ERRORS as exc:
-            self._reset()
-            raise Unavailable(f"{what} on {self.name}: Docker at {self.url} is unreachable: {_short(exc)}") from exc
+        or too slow raises Unavailable and drops the client so the next call reconnects.
+
+        Over ssh:// a pooled connection whose `docker system dial-stdio` has ended fails the next
+        call with a broken pipe: a call that may run twice (`retry`, every read) is tried once more
+        on a fresh connection."""
+        attempts = 2 if retry and self.url.startswith("ssh://") else 1
+        for attempt in range(1, attempts + 1):
+            client = self.client()
+            try:
+                return fn(client)
+            except docker.errors.APIError as exc:
+                if exc.status_code is not None and exc.status_code < 500:
+                    raise client_error(f"{what} on {self.name}: {_short(exc)}") from exc
+                self._reset()
+                raise Unavailable(f"{what} on {self.name}: {_short(exc)}") from exc
+            except _CONNECTION_ERRORS as exc:
+                self._reset()
+                if attempt < attempts:
+                    log.debug("%s on %s: %s; once more on a new connection", what, self.name, _short(exc))
+                    continue
+                raise Unavailable(f"{what} on {self.name}: Docker at {self.url} is unreachable: {_short(exc)}") from exc
+        raise AssertionError("unreachable")
 
     @property
     def api_version(self) -> str:
@@ -167,7 +178,7 @@ class DockerHost:
             res = c._post(c._url("/build/prune"), params=dict(params), timeout=timeout)  # type: ignore[attr-defined]
             return _mapping(c._result(res, True))  # type: ignore[attr-defined]
 
-        return self._call("POST /build/prune", call)
+        return self._call("POST /build/prune", call, retry=False)
 
     # -- containers and volumes -----------------------------------------------------------------
 
@@ -184,7 +195,7 @@ class DockerHost:
         found = self._call("GET /volumes", lambda c: _mapping(c.volumes(filters={"name": name_prefix})))
         return [v for v in (found.get("Volumes") or ()) if v.get("Name", "").startswith(name_prefix)]
 
-    def exec(self, container: str, argv: Sequence[str], timeout: float | None = None) -> ExecResult:
+    def exec(self, container: str, argv: Sequence[str], timeout: float | None = None, retry: bool = True) -> ExecResult:
         """Run `argv` (no shell) in a running container and collect its output and exit code.
 
         `timeout` bounds each wait for output (default: the host's timeout); a prune that works
@@ -210,10 +221,11 @@ class DockerHost:
             )
 
         # 404: the container is gone; 409: it is stopped or paused. Both: the builder is unavailable.
-        return self._call(f"exec in {container}", call, client_error=Unavailable)
+        return self._call(f"exec in {container}", call, client_error=Unavailable, retry=retry)
 
-    def exec_checked(self, container: str, argv: Sequence[str], timeout: float | None = None) -> str:
-        result = self.exec(container, argv, timeout)
+    def exec_checked(self, container: str, argv: Sequence[str], timeout: float | None = None,
+                     retry: bool = True) -> str:
+        result = self.exec(container, argv, timeout, retry)
         if result.exit_code != 0:
             raise CommandFailed(list(argv), result.exit_code, result.stderr or result.stdout)
         return result.stdout
