@@ -56,9 +56,11 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
             return _error(413, f"body over {max_body} bytes")
         try:
             notification = parse_notification(json.loads(body))
-        except (ValueError, UnicodeDecodeError) as exc:
-            # json.JSONDecodeError and PayloadError are ValueErrors.
-            what = str(exc) if isinstance(exc, PayloadError) else "body is not JSON"
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # json.JSONDecodeError and PayloadError are ValueErrors; JSON nested too deep for Python
+            # to read is RecursionError.
+            what = (str(exc) if isinstance(exc, PayloadError) else
+                    "JSON nested too deep" if isinstance(exc, RecursionError) else "body is not JSON")
             recorder.rejected(f"bad payload: {what}", request.remote or "")
             return _error(400, f"not an Alertmanager webhook payload: {what}")
         decisions = await service.handle(notification)

@@ -74,6 +74,9 @@ def _target(d: Decision) -> dict[str, Any]:
     return {k: v for k, v in (("driver", t.driver), ("container", t.container), ("address", t.address)) if v}
 
 
+REJECTED_PER_SECOND = 5  # audit lines for rejected requests; the rest are only counted
+
+
 class Recorder:
     """Each decision and outcome: one audit line and its counters, in one call."""
 
@@ -81,8 +84,19 @@ class Recorder:
         self.audit = audit
         self.metrics = metrics
         self.clock = clock
+        self._rejected_second = 0
+        self._rejected_lines = 0
 
     def rejected(self, reason: str, remote: str) -> None:
+        """A request refused before any alert was read. Anyone can send these: past a few lines a
+        second they are counted, not written (the audit file must not fill the disk it watches)."""
+        second = int(time.monotonic())
+        if second != self._rejected_second:
+            self._rejected_second, self._rejected_lines = second, 0
+        self._rejected_lines += 1
+        if self._rejected_lines > REJECTED_PER_SECOND:
+            self.metrics.audit_dropped.labels("rejected").inc()
+            return
         self.audit.record("rejected", reason=reason, remote=remote)
 
     def received(self, **fields: Any) -> None:

@@ -42,10 +42,12 @@ class Credentials:
         scheme, _, value = authorization.partition(" ")
         value = value.strip()
         if scheme.lower() == "bearer" and self.bearer_token is not None:
-            return hmac.compare_digest(value.encode(), self.bearer_token)
+            # Headers arrive decoded with surrogate escapes: bytes that are not UTF-8 compare as bytes.
+            return hmac.compare_digest(value.encode("utf-8", "surrogateescape"), self.bearer_token)
         if scheme.lower() == "basic" and self.basic_username is not None:
             try:
-                user, sep, password = base64.b64decode(value, validate=True).partition(b":")
+                user, sep, password = base64.b64decode(value.encode("utf-8", "surrogateescape"),
+                                                       validate=True).partition(b":")
             except ValueError:
                 return False
             # Compare both, always, so timing says nothing about which one was wrong.

@@ -28,11 +28,14 @@ class ActuatorMetrics:
         self.duration = Histogram(P + "prune_duration_seconds", "How long prunes took.", ["action"], registry=r,
                                   buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
         self.in_progress = Gauge(P + "prunes_in_progress", "Prunes running now.", registry=r)
+        self.audit_dropped = Counter(P + "audit_lines_dropped", "Audit lines not written, by event: rejected "
+                                     "requests past a few a second are only counted.", ["event"], registry=r)
         self.last_prune = Gauge(P + "last_prune_timestamp_seconds", "When the last successful prune ended.",
                                 ["host", "builder", "action"], registry=r)
         # Known series start at zero, so rate() and alerts see them from the first scrape.
         for code in ("200", "400", "401", "413", "503"):
             self.notifications.labels(code)
+        self.audit_dropped.labels("rejected")
         for a in [*action_names, "unknown"]:
             for d in DECISIONS:
                 self.alerts.labels(a, d)

@@ -86,6 +86,21 @@ def _write_duration(seconds: float) -> str:
     return format_duration(seconds) if seconds else "0s"
 
 
+def _basic_username(value: Any) -> str:
+    name = as_str(value)
+    if ":" in name or not name:
+        raise ValueError("a basic auth username cannot be empty or contain ':' (it could never log in)")
+    return name
+
+
+def _idle_for(value: Any) -> float:
+    seconds = _positive_duration(value)
+    if seconds < 1:
+        # The engine's `until` filter takes whole seconds: 500ms would become 0s, every record.
+        raise ValueError(f"expected at least 1s, got {value!r}")
+    return seconds
+
+
 DURATION = Kind(parse_duration, _write_duration)
 POSITIVE_DURATION = Kind(_positive_duration, _write_duration)
 SIZE = Kind(parse_size)
@@ -190,7 +205,7 @@ class ActionConfig:
     """An action alerts may ask for. `kind` and `idle_for` default to the built-in of that name."""
 
     kind: str | None = None
-    idle_for: float | None = setting(None, kind=POSITIVE_DURATION)  # prune-idle only
+    idle_for: float | None = setting(None, kind=Kind(_idle_for, _write_duration))  # prune-idle only
     enabled: bool = True
 
     def check(self) -> None:
@@ -207,7 +222,7 @@ BUILTIN_ACTIONS = {
 
 @dataclass(frozen=True)
 class BasicAuth:
-    username: str = setting()
+    username: str = setting(kind=Kind(_basic_username))
     password_file: str = setting()
 
 
@@ -352,13 +367,38 @@ def _is_local(url: str) -> bool:
     return urlparse(url).scheme in ("unix", "")
 
 
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few kB; far larger is a mistake or an attack
+MAX_CONFIG_VALUES = 100_000  # values once YAML aliases are expanded (an alias bomb is small on disk)
+
+
+def _count_values(data: Any, source: str) -> None:
+    seen, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{source}: more than {MAX_CONFIG_VALUES} values (YAML aliases expanded): "
+                              "not a config this program reads")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def load(path: str | None, docker_hosts: list[str] | None = None) -> Config:
     """Read the config file (None: defaults). `docker_hosts` from the command line replace the file's."""
     if path is None:
         return parse_config({}, "(defaults)", docker_hosts)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config this program reads")
+        data = yaml.safe_load(text)
+        _count_values(data, path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:

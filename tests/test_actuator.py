@@ -366,3 +366,25 @@ async def test_healthz_and_metrics_need_no_credentials(harness):
     r = await h.client.get("/metrics")
     assert r.status == 200
     assert "buildkit_cache_actuator_notifications_total" in await r.text()
+
+
+async def test_hostile_bodies_and_headers_get_4xx_never_500(harness):
+    h = await harness.start()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = await h.post(None, raw=deep)
+    assert r.status == 400 and "nested too deep" in (await r.json())["error"]
+    # A header that is not UTF-8: no credentials, not a crash.
+    r = await h.client.post("/alerts", data=b"{}", headers={"Authorization": "Bearer \udcff\udcfe"},
+                            skip_auto_headers=())
+    assert r.status in (400, 401)
+    assert h.metric("buildkit_cache_actuator_notifications_total", code="500") is None
+
+
+async def test_a_flood_of_unauthenticated_requests_is_counted_not_written(harness):
+    h = await harness.start()
+    for _ in range(50):
+        assert (await h.post(notification(alert()), token=b"wrong")).status == 401
+    lines = [e for e in h.audit_lines() if e["event"] == "rejected"]
+    assert 1 <= len(lines) <= 20
+    assert h.metric("buildkit_cache_actuator_audit_lines_dropped_total", event="rejected") == 50 - len(lines)
+    assert h.metric("buildkit_cache_actuator_notifications_total", code="401") == 50

@@ -259,3 +259,30 @@ def test_a_socket_this_process_may_not_use_is_explained(tmp_path):
     finally:
         s.close()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"actuator": {"actions": {"quick": {"kind": "prune-idle", "idle_for": "500ms"}}}},
+     r"actuator.actions.quick.idle_for: expected at least 1s, got '500ms'"),
+    ({"actuator": {"auth": {"basic_auth": {"username": "a:b", "password_file": "/x"}}}},
+     r"actuator.auth.basic_auth.username: a basic auth username cannot be empty or contain ':'"),
+])
+def test_settings_that_could_never_do_what_they_say_are_refused(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, "cfg.yml")
+
+
+def test_an_alias_bomb_or_a_huge_file_is_refused_quickly(tmp_path):
+    import time
+
+    bomb = tmp_path / "bomb.yml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\nbuilders: {}\n")
+    big = tmp_path / "big.yml"
+    big.write_text("# padding\n" * 200_000)
+    for path, message in ((bomb, "more than 100000 values"), (big, "larger than 1024 KiB")):
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=message):
+            load(str(path))
+        assert time.monotonic() - t0 < 5
