@@ -46,8 +46,9 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
         return await handler(request)
 
     async def alerts(request: web.Request) -> web.Response:
-        if not service.can_accept():
-            return _error(503, "not accepting work right now; retry later")
+        refusal = service.refusal()
+        if refusal:
+            return _error(503, f"not accepting work right now ({refusal}); retry later")
         if request.content_length is not None and request.content_length > max_body:
             return _error(413, f"body over {max_body} bytes")
         try:
@@ -72,7 +73,8 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
     async def healthz(_request: web.Request) -> web.Response:
         if not service.accepting:
             return web.Response(status=503, text="shutting down\n")
-        problem = await service.docker_problem()
+        problem = service.recorder.audit.failure if not service.recorder.audit.writable() else None
+        problem = problem or await service.docker_problem()
         if problem:  # never ok while prunes cannot work
             return web.Response(status=503, text=f"cannot prune: {problem}\n")
         return web.Response(text="ok\n")

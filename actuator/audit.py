@@ -20,6 +20,7 @@ from .metrics import ActuatorMetrics
 log = logging.getLogger("actuator.audit")
 
 _MAX_TEXT = 200  # values that came from an alert are cut: the log is not a place for payloads
+MAX_PENDING = 10_000  # audit lines kept in memory while the file cannot be written
 
 
 def _clean(value: Any) -> Any:
@@ -48,15 +49,46 @@ class AuditLog:
             if not os.access(target, os.W_OK):
                 raise PermissionError(13, "Permission denied", path)
 
+        self.pending: list[str] = []  # lines not yet in the file: written as soon as it can be
+        self.failure = ""  # why the file cannot be written now ("" while it can)
+        self.on_failure: Callable[[], None] = lambda: None
+
     def record(self, event: str, **fields: Any) -> dict[str, Any]:
         entry = {"ts": round(self.clock(), 3), "event": event,
                  **{k: _clean(v) for k, v in fields.items() if v is not None}}
         line = json.dumps(entry, sort_keys=False, separators=(",", ":"))
         log.info(line)
         if self.path:
-            with self._lock, open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+            with self._lock:
+                self.pending.append(line)
+                self._flush()
         return entry
+
+    def writable(self) -> bool:
+        """Whether the file takes lines now, writing any it could not take before."""
+        if not self.path:
+            return True
+        with self._lock:
+            self._flush()
+            return not self.failure
+
+    def _flush(self) -> None:
+        assert self.path
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in self.pending))
+        except OSError as exc:
+            if not self.failure:
+                log.error("cannot write the audit trail %s: %s; no new prunes until it can be written "
+                          "(%d lines kept to write then)", self.path, exc.strerror or exc, len(self.pending))
+            self.failure = f"cannot write the audit trail {self.path}: {exc.strerror or exc}"
+            self.on_failure()
+            del self.pending[:-MAX_PENDING]
+            return
+        if self.failure:
+            log.warning("the audit trail %s can be written again", self.path)
+        self.failure = ""
+        self.pending.clear()
 
 
 def _request(d: Decision) -> dict[str, Any]:

@@ -28,6 +28,10 @@ class ActuatorMetrics:
         self.duration = Histogram(P + "prune_duration_seconds", "How long prunes took.", ["action"], registry=r,
                                   buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
         self.in_progress = Gauge(P + "prunes_in_progress", "Prunes running now.", registry=r)
+        self.audit_write_failures = Counter(P + "audit_write_failures", "Times the audit file could not be written "
+                                            "(no new prunes until it can).", registry=r)
+        self.audit_writable = Gauge(P + "audit_writable", "1 if the audit file can be written, else 0 (prunes refused).",
+                                    registry=r)
         self.audit_dropped = Counter(P + "audit_lines_dropped", "Audit lines not written, by event: rejected "
                                      "requests past a few a second are only counted.", ["event"], registry=r)
         self.last_prune = Gauge(P + "last_prune_timestamp_seconds", "When the last successful prune ended.",

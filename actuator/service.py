@@ -67,6 +67,8 @@ class ActuatorService:
         self.directory = Directory(inventory)
         self.executor = PruneExecutor(prune_timeout=cfg.actuator.prune_timeout, settle_delay=cfg.actuator.settle_delay)
         recorder.metrics.track_in_progress(lambda: self.executor.running)
+        recorder.audit.on_failure = recorder.metrics.audit_write_failures.inc
+        recorder.metrics.audit_writable.set_function(lambda: 0.0 if recorder.audit.failure else 1.0)
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
         self.inventory = inventory
@@ -89,8 +91,19 @@ class ActuatorService:
         self._docker_checked = (time.monotonic(), problem)
         return problem
 
+    def refusal(self) -> str | None:
+        """Why no new work is taken now (answered 503, which Alertmanager retries), or None."""
+        if not self.accepting:
+            return "shutting down"
+        if len(self.tasks) >= self.max_pending:
+            return "too many prunes queued"
+        if not self.recorder.audit.writable():
+            # No prune without an audit record.
+            return self.recorder.audit.failure
+        return None
+
     def can_accept(self) -> bool:
-        return self.accepting and len(self.tasks) < self.max_pending
+        return self.refusal() is None
 
     async def handle(self, notification: Notification) -> list[D.Decision]:
         """Decide each alert, start what is accepted, record everything."""

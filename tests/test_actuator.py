@@ -388,3 +388,26 @@ async def test_a_flood_of_unauthenticated_requests_is_counted_not_written(harnes
     assert 1 <= len(lines) <= 20
     assert h.metric("buildkit_cache_actuator_audit_lines_dropped_total", event="rejected") == 50 - len(lines)
     assert h.metric("buildkit_cache_actuator_notifications_total", code="401") == 50
+
+
+async def test_no_prune_without_an_audit_record(harness):
+    h = await harness.start()
+    h.audit_path.unlink()
+    h.audit_path.mkdir()  # the file replaced by a directory: nothing can be appended
+    try:
+        r = await h.post(notification(alert()))
+        assert r.status == 503 and "cannot write the audit trail" in (await r.json())["error"]
+        await h.settle()
+        assert h.builders["kamal"].prunes == []
+        assert h.metric("buildkit_cache_actuator_audit_writable") == 0
+        assert h.metric("buildkit_cache_actuator_audit_write_failures_total") >= 1
+    finally:
+        h.audit_path.rmdir()
+    # Writable again: the lines kept meanwhile are written first, then work is taken.
+    r = await h.post(notification(alert()))
+    assert r.status == 200
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 1
+    events = [e["event"] for e in h.audit_lines()]
+    assert events.count("received") == 1 and events[-1] == "pruned"
+    assert h.metric("buildkit_cache_actuator_audit_writable") == 1
