@@ -5,6 +5,7 @@ Arguments are always argv lists built here from typed values; nothing passes thr
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -25,13 +26,30 @@ class Runner(Protocol):
 
 
 class ContainerBuildctl:
-    """`docker exec <container> buildctl ...`, the way buildx itself reaches its builder."""
+    """`docker exec <container> buildctl ...`, the way buildx itself reaches its builder.
+
+    The command runs under the container's `timeout` (BuildKit's images have busybox), so a
+    buildctl that hangs is killed in the container soon after this side stops waiting for it,
+    instead of piling up there; images without `timeout` run buildctl as it is."""
+
+    GRACE = 5  # seconds between giving up on the answer and killing the command
 
     def __init__(self, host: DockerHost, container: str):
         self.host = host
         self.container = container
+        self.wrap = True
 
     def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
+        if self.wrap:
+            limit = math.ceil(timeout or self.host.timeout) + self.GRACE
+            result = self.host.exec(self.container, ["timeout", "-s", "KILL", str(limit), "buildctl", *args],
+                                    timeout, retry)
+            missing = result.exit_code in (126, 127) and "timeout" in (result.stderr + result.stdout)
+            if not missing:
+                if result.exit_code != 0:
+                    raise CommandFailed(["buildctl", *args], result.exit_code, result.stderr or result.stdout)
+                return result.stdout
+            self.wrap = False
         return self.host.exec_checked(self.container, ["buildctl", *args], timeout, retry)
 
 

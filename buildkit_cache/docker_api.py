@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
+import socket
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -203,14 +206,20 @@ class DockerHost:
         """
 
         def call(c: docker.APIClient) -> ExecResult:
+            limit = timeout or self.timeout
+            deadline = time.monotonic() + limit
             created = c.exec_create(container, list(argv), stdout=True, stderr=True)
             sock = c.exec_start(created["Id"], socket=True)
             try:
-                for s in (sock, getattr(sock, "_sock", None)):
-                    if s is not None and hasattr(s, "settimeout"):
-                        s.settimeout(timeout or self.timeout)
-                frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
-                out, err = consume_socket_output(frames, demux=True)
+                raw = getattr(sock, "_sock", sock)
+                if type(raw) is socket.socket:  # unix:// and plain tcp://: a deadline of our own
+                    out, err = _read_exec_stream(raw, deadline, limit, f"`{' '.join(argv[:3])}` in {container}")
+                else:  # TLS and ssh:// sockets: the SDK's reader, with its per-read timeout
+                    for s in (sock, raw):
+                        if hasattr(s, "settimeout"):
+                            s.settimeout(limit)
+                    frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
+                    out, err = consume_socket_output(frames, demux=True)
             finally:
                 sock.close()
             code = c.exec_inspect(created["Id"]).get("ExitCode")
@@ -238,6 +247,42 @@ class DockerHost:
             return None
         local = os.path.join(self.host_root, path.lstrip("/"))
         return local if os.path.exists(local) else None
+
+
+MAX_EXEC_OUTPUT = 64 * 1024 * 1024  # a buildctl du of 100k records is ~50 MB; more is not an answer
+
+
+def _read_exec_stream(raw: socket.socket, deadline: float, limit: float, what: str) -> tuple[bytes, bytes]:
+    """stdout and stderr of an exec, from Docker's multiplexed stream (8-byte frame headers: stream,
+    three zeros, big-endian size), until it ends. The SDK's own reader polls without a timeout, so a
+    command that never ends held its thread forever: this one stops at `deadline`, and at
+    MAX_EXEC_OUTPUT bytes."""
+    raw.setblocking(True)
+    poller = select.poll()
+    poller.register(raw, select.POLLIN | select.POLLPRI | select.POLLHUP)
+    streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+    buf = bytearray()
+    total = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Unavailable(f"{what} did not finish within {limit:g}s")
+        if not poller.poll(min(left, 5.0) * 1000):
+            continue
+        chunk = raw.recv(1 << 16)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > MAX_EXEC_OUTPUT:
+            raise BuilderError(f"{what} printed more than {MAX_EXEC_OUTPUT // (1024 * 1024)} MiB; not read further")
+        buf += chunk
+        while len(buf) >= 8:
+            size = int.from_bytes(buf[4:8], "big")
+            if len(buf) < 8 + size:
+                break
+            streams.get(buf[0], streams[1]).extend(buf[8:8 + size])
+            del buf[:8 + size]
+    return bytes(streams[1]), bytes(streams[2])
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

@@ -109,3 +109,29 @@ def test_dockerd_going_down_shows_success_0_and_recovers_without_restart(build_c
     log = svc.output()
     assert "docker host test: discovery failed" in log
     assert "docker host test: reachable again" in log
+
+
+def test_a_hung_builder_costs_its_own_measurement_and_nothing_else(dockerd, builder_image, build_cache, exporter):
+    """Its buildctl never answers: the exec's deadline frees the worker, the container's `timeout`
+    kills the command, and the Docker host and the other builders stay fresh."""
+    _, url = exporter
+    container, volume = builder_container.start_builder(dockerd, "hung0")
+    dockerd.cli("exec", container, "touch", "/fixtures/hang")
+    try:
+        H = {"host": "test", "builder": "hung"}
+        wait_for("the hung builder's records to fail", lambda: value(scrape(url), "buildkit_cache_measurement_success",
+                                                                       measurement="records", **H) == 0, timeout=60)
+        time.sleep(20)  # several more rounds of the hung measurement
+        text = scrape(url)
+        assert value(text, "buildkit_cache_docker_host_up", host="test") == 1
+        D = {"host": "test", "builder": "default", "measurement": "records"}
+        assert value(text, "buildkit_cache_measurement_success", **D) == 1
+        age = time.time() - value(text, "buildkit_cache_measurement_last_success_timestamp_seconds", **D)
+        assert age < 10, f"the engine's records are {age:.0f}s old"
+        # Its other measurements go on too.
+        assert value(text, "buildkit_cache_measurement_success", measurement="state_volume", **H) == 1
+        hung = dockerd.cli("exec", container, "pgrep", "-f", "sleep 100000", check=False).stdout.decode().split()
+        assert len(hung) <= 3, hung
+    finally:
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)

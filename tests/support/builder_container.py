@@ -17,13 +17,14 @@ IMAGE = "bkce-test-builder:latest"
 # Behaviour switches: files under /fixtures that tests create with `docker exec ... touch`.
 #   old   -> behave like a buildctl without --format (only -v / --verbose output)
 #   gc    -> report the default GC policy (debug-workers-gc.json) instead of GC off
+#   hang  -> `du` never answers (a hung buildkitd)
 BUILDCTL = r"""#!/bin/sh
 F=/fixtures
 echo "$*" >> /var/log/buildctl-calls
 old() { if [ -e $F/old ]; then echo 'flag provided but not defined: -format' >&2; exit 1; fi; }
 GC=""; [ -e $F/gc ] && GC="-gc"
 case "$*" in
-  "du --format json") old; cat $F/du.json ;;
+  "du --format json") old; if [ -e $F/hang ]; then exec sleep 100000; fi; cat $F/du.json ;;
   "du -v") cat $F/du-verbose.txt ;;
   "debug workers --format json") old; cat $F/debug-workers$GC.json ;;
   "debug workers --verbose") cat $F/debug-workers-verbose$GC.txt ;;
