@@ -41,7 +41,11 @@ class LoopbackSSHD:
         self.url = f"ssh://root@127.0.0.1:{self.port}"
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         self.proc = Process(["/usr/sbin/sshd", "-D", "-e", "-f", str(self.dir / "sshd_config")], self.dir / "sshd.log")
-        wait_for("sshd", lambda: self.ssh("true").returncode == 0, timeout=30)
+        try:
+            wait_for("sshd", lambda: self.ssh("true").returncode == 0, timeout=30)
+        except BaseException:
+            self.stop()  # never leave an sshd behind
+            raise
 
     @property
     def path(self) -> str:
