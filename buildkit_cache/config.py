@@ -4,6 +4,7 @@ and default written once here, read and written back by `config_reader`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -319,6 +320,11 @@ class Config:
     def builder_settings(self) -> dict[tuple[str, str], BuilderConfig]:
         """Each builder's settings by its (host, builder) labels. An entry keyed by name alone
         applies on the one Docker host (several hosts need the host in the key: see check())."""
+        return dict(self._settings_index)
+
+    @functools.cached_property
+    def _settings_index(self) -> dict[tuple[str, str], BuilderConfig]:
+        # Looked up for every builder at every scrape and for every alert: built once per config.
         out: dict[tuple[str, str], BuilderConfig] = {}
         for key, b in self.builders.items():
             host, _, name = key.rpartition("/")
@@ -328,7 +334,7 @@ class Config:
         return out
 
     def settings_for(self, host: str, builder: str) -> BuilderConfig | None:
-        return self.builder_settings().get((host, builder))
+        return self._settings_index.get((host, builder))
 
     def budget_for(self, host: str, builder: str) -> int | None:
         b = self.settings_for(host, builder)
