@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -210,18 +211,22 @@ class DockerHost:
             deadline = time.monotonic() + limit
             created = c.exec_create(container, list(argv), stdout=True, stderr=True)
             sock = c.exec_start(created["Id"], socket=True)
+            what = f"`{' '.join(argv[:3])}` in {container}"
             try:
                 raw = getattr(sock, "_sock", sock)
+                pipe = getattr(getattr(raw, "proc", None), "stdout", None)
                 if type(raw) is socket.socket:  # unix:// and plain tcp://: a deadline of our own
-                    out, err = _read_exec_stream(raw, deadline, limit, f"`{' '.join(argv[:3])}` in {container}")
-                else:  # TLS and ssh:// sockets: the SDK's reader, with its per-read timeout
+                    out, err = _read_exec_stream(_socket_reader(raw), deadline, limit, what)
+                elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
+                    out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what)
+                else:  # TLS sockets: the SDK's reader, with its per-read timeout
                     for s in (sock, raw):
                         if hasattr(s, "settimeout"):
                             s.settimeout(limit)
                     frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
                     out, err = consume_socket_output(frames, demux=True)
             finally:
-                sock.close()
+                _close_quietly(sock)
             code = c.exec_inspect(created["Id"]).get("ExitCode")
             return ExecResult(
                 exit_code=-1 if code is None else int(code),
@@ -252,14 +257,51 @@ class DockerHost:
 MAX_EXEC_OUTPUT = 64 * 1024 * 1024  # a buildctl du of 100k records is ~50 MB; more is not an answer
 
 
-def _read_exec_stream(raw: socket.socket, deadline: float, limit: float, what: str) -> tuple[bytes, bytes]:
-    """stdout and stderr of an exec, from Docker's multiplexed stream (8-byte frame headers: stream,
-    three zeros, big-endian size), until it ends. The SDK's own reader polls without a timeout, so a
-    command that never ends held its thread forever: this one stops at `deadline`, and at
-    MAX_EXEC_OUTPUT bytes."""
+Reader = Callable[[float], "bytes | None"]
+"""Waits up to the given seconds for output: a chunk, b"" at the end, None if nothing came yet."""
+
+
+def _socket_reader(raw: socket.socket) -> Reader:
     raw.setblocking(True)
     poller = select.poll()
     poller.register(raw, select.POLLIN | select.POLLPRI | select.POLLHUP)
+
+    def read(wait: float) -> bytes | None:
+        return raw.recv(1 << 16) if poller.poll(wait * 1000) else None
+
+    return read
+
+
+def _pipe_reader(pipe: io.BufferedReader) -> Reader:
+    """The ssh client's stdout. The HTTP response's headers were read through this buffered pipe, so
+    the first frames may already sit in its buffer: read through it, never around it."""
+    os.set_blocking(pipe.fileno(), False)
+    poller = select.poll()
+    poller.register(pipe.fileno(), select.POLLIN | select.POLLPRI | select.POLLHUP)
+
+    def read(wait: float) -> bytes | None:
+        chunk = pipe.read(1 << 16)  # non-blocking: None when nothing is there yet, b"" at the end
+        if chunk is None:
+            poller.poll(wait * 1000)
+        return chunk
+
+    return read
+
+
+def _close_quietly(sock: Any) -> None:
+    """Close an exec's socket. Over ssh:// the SDK's close writes to the ssh client, which has often
+    exited once the command ended: the output is complete by then, so a broken pipe is no failure."""
+    try:
+        sock.close()
+    except OSError as exc:
+        log.debug("closing an exec stream: %s", exc)
+
+
+def _read_exec_stream(read: Reader, deadline: float, limit: float, what: str) -> tuple[bytes, bytes]:
+    """stdout and stderr of an exec, from Docker's multiplexed stream (8-byte frame headers: stream,
+    three zeros, big-endian size), until it ends. The SDK's own reader waits without a timeout, so a
+    command that never ends held its thread forever: this one stops at `deadline`, and at
+    MAX_EXEC_OUTPUT bytes."""
     streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
     buf = bytearray()
     total = 0
@@ -267,9 +309,9 @@ def _read_exec_stream(raw: socket.socket, deadline: float, limit: float, what: s
         left = deadline - time.monotonic()
         if left <= 0:
             raise Unavailable(f"{what} did not finish within {limit:g}s")
-        if not poller.poll(min(left, 5.0) * 1000):
+        chunk = read(min(left, 5.0))
+        if chunk is None:
             continue
-        chunk = raw.recv(1 << 16)
         if not chunk:
             break
         total += len(chunk)

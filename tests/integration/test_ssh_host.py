@@ -4,10 +4,13 @@ dockerd; the exporter measures its builders and the actuator prunes through it."
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from buildkit_cache.config import parse_config
+from buildkit_cache.docker_api import DockerHost
+from buildkit_cache.errors import Unavailable
 from buildkit_cache.exporter import scheduler
 from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
@@ -48,6 +51,28 @@ async def test_an_ssh_host_is_measured_through_sshd(build_cache, builder_image, 
     assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "state_volume"}) == 1
     assert reg.get_sample_value("buildkit_cache_state_volume_files", L) >= 1
 
+
+
+
+def test_an_exec_over_ssh_is_read_to_the_end_and_stops_at_its_deadline(dockerd, builder_image, sshd, monkeypatch):
+    """Over ssh:// an exec's output comes through the ssh client's pipe. It is read whole, the
+    client's exit afterwards is no failure, and a command that never ends costs its deadline only
+    (the SDK's reader would wait on the pipe for ever)."""
+    container, volume = builder_container.start_builder(dockerd, "sshexec0")
+    try:
+        monkeypatch.setenv("PATH", sshd.path)
+        host = DockerHost("remote", sshd.url, timeout=10)
+        for _ in range(5):  # each exec ends its ssh client; the next must not trip over it
+            big = host.exec(container, ["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' x; echo err >&2"])
+            assert (big.exit_code, len(big.stdout), big.stderr) == (0, 300000, "err\n")
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="did not finish within 2s"):
+            host.exec(container, ["sleep", "1000"], timeout=2)
+        assert time.monotonic() - started < 8
+        assert host.exec(container, ["sh", "-c", ":"]).exit_code == 0  # and the host is usable after it
+    finally:
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)
 
 def test_the_actuator_prunes_through_sshd(big_cache, sshd, tmp_path):
     dockerd = big_cache
