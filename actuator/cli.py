@@ -7,7 +7,7 @@ import logging
 import sys
 
 from buildkit_cache import __version__
-from buildkit_cache.checks import socket_problem
+from buildkit_cache.checks import missing_buildctl, socket_problem
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.inventory import Inventory
 
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: refusing to start without authentication: set actuator.auth.bearer_token_file or "
               "actuator.auth.basic_auth, or pass --insecure-no-auth", file=sys.stderr)
         return 2
+    if problem := missing_buildctl(cfg):
+        logging.getLogger(prog).warning("%s", problem)
     dry_run = args.dry_run or cfg.actuator.dry_run
     metrics = ActuatorMetrics(list(cfg.actuator.enabled_actions))
     recorder = Recorder(audit, metrics)

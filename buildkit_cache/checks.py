@@ -7,6 +7,7 @@ import difflib
 import grp
 import os
 import pwd
+import shutil
 import stat
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlparse
@@ -66,3 +67,15 @@ def unmatched_builder_settings(cfg: Config, found: Mapping[str, Sequence[str]]) 
         lines.append(f"builders: no builder {name!r} on Docker host {host!r}{hint}; its budget and actions apply to "
                      f"nothing. Builders found there: {', '.join(names) or 'none'}")
     return lines
+
+
+def missing_buildctl(cfg: Config) -> str | None:
+    """Remote buildkitd builders are reached with a local buildctl: a line naming them when there is
+    none, or None."""
+    remote = [f"{host}/{name}" for host, name, _ in cfg.remote_builders()]
+    if not remote or shutil.which(cfg.exporter.buildctl):
+        return None
+    return (f"remote builders {', '.join(remote)} need a local buildctl, and {cfg.exporter.buildctl!r} is not found "
+            f"(PATH {os.environ.get('PATH', '')}): every measurement and prune of them fails until it is there. "
+            "Install buildctl from BuildKit's releases, set exporter.buildctl to its path, or build the image with "
+            "--build-context buildctl=docker-image://moby/buildkit:<version>")

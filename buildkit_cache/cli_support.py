@@ -9,7 +9,7 @@ import sys
 import yaml
 from aiohttp import web
 
-from .checks import unmatched_builder_settings
+from .checks import missing_buildctl, unmatched_builder_settings
 from .config import LISTEN, Config, ConfigError, as_dict, load
 from .errors import BuilderError
 from .inventory import Inventory
@@ -53,6 +53,8 @@ def check_against_hosts(prog: str, cfg: Config) -> None:
             print(f"{prog}: warning: cannot check the builders of Docker host {name!r}: {exc}", file=sys.stderr)
     for line in unmatched_builder_settings(cfg, found):
         print(f"{prog}: warning: {cfg.source}: {line}", file=sys.stderr)
+    if problem := missing_buildctl(cfg):
+        print(f"{prog}: warning: {problem}", file=sys.stderr)
 
 
 def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str,

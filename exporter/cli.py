@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from buildkit_cache import __version__
+from buildkit_cache.checks import missing_buildctl
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.config import Config, ConfigError
 from buildkit_cache.inventory import Inventory
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.once:
         return asyncio.run(_once(cfg))
+    if problem := missing_buildctl(cfg):
+        logging.getLogger(PROG).warning("%s", problem)
     store = Store()
     app = make_app(store, cfg, Scheduler(cfg, Inventory(cfg), store))
     watching = ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts)

@@ -113,3 +113,29 @@ def test_check_config_catches_what_start_up_would(tmp_path):
     done = run("--config", str(cfg), "--check-config")
     assert done.returncode == 2 and done.stdout == ""
     assert f"actuator.auth.bearer_token_file: cannot read {tmp_path}/missing" in done.stderr
+
+
+@pytest.mark.parametrize("program", ["buildkit_cache.exporter", "buildkit_cache.actuator"])
+def test_a_remote_builder_without_a_buildctl_is_said_at_check_and_at_start(tmp_path, program):
+    (tmp_path / "token").write_text("t\n")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: [unix://{tmp_path}/none.sock]\n"
+                   "builders: {ci: {address: 'tcp://10.0.0.9:1234', budget: 1GB}}\n"
+                   f"exporter: {{buildctl: {tmp_path}/no-buildctl, listen: '127.0.0.1:{free_port()}'}}\n"
+                   f"actuator: {{auth: {{bearer_token_file: {tmp_path}/token}}, listen: '127.0.0.1:{free_port()}'}}\n")
+    done = subprocess.run([sys.executable, "-m", program, "--config", str(cfg), "--check-config"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert done.returncode == 0, done.stderr
+    said = f"remote builders 10.0.0.9/ci need a local buildctl, and '{tmp_path}/no-buildctl' is not found"
+    assert said in done.stderr and "--build-context buildctl=" in done.stderr, done.stderr
+    svc = Service(program, ["--config", str(cfg)], tmp_path / "out.log")
+    try:
+        wait_for("the warning", lambda: said in svc.output(), timeout=20)
+    finally:
+        svc.stop()
+    # With a buildctl there, nothing is said.
+    (tmp_path / "no-buildctl").write_text("#!/bin/sh\n")
+    (tmp_path / "no-buildctl").chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", program, "--config", str(cfg), "--check-config"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert done.returncode == 0 and "buildctl" not in done.stderr, done.stderr
