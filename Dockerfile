@@ -29,9 +29,9 @@ RUN --mount=type=bind,target=/context \
     rm -rf /tmp/src
 RUN --mount=type=bind,from=buildctl,target=/buildctl \
     if [ -x /buildctl/usr/bin/buildctl ]; then cp /buildctl/usr/bin/buildctl /usr/local/bin/buildctl; fi
-# The audit folder belongs to the actuator's user: a fresh named volume mounted there takes its owner.
+# The audit and state folders belong to the actuator's user: a fresh named volume mounted there takes its owner.
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin buildkit-cache \
- && install -d -o 10001 -g 10001 -m 0750 /var/log/buildkit-cache-actuator
+ && install -d -o 10001 -g 10001 -m 0750 /var/log/buildkit-cache-actuator /var/lib/buildkit-cache-actuator
 ENV PATH=/opt/buildkit-cache/bin:$PATH
 USER 10001
 EXPOSE 9862 9863

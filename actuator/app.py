@@ -66,8 +66,9 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
             return _error(400, f"not an Alertmanager webhook payload: {what}")
         decisions = await service.handle(notification)
         results = [{"fingerprint": d.fingerprint, "decision": d.decision, "reason": d.reason} for d in decisions]
-        # A Docker host that could not be asked: Alertmanager retries a 5xx (the rest is idempotent).
-        status = 503 if any(d.decision == D.LOOKUP_FAILED for d in decisions) else 200
+        # A Docker host that could not be asked, a claim that could not be recorded: Alertmanager
+        # retries a 5xx (the rest is idempotent).
+        status = 503 if any(d.decision in D.RETRY_LATER for d in decisions) else 200
         return web.json_response({"status": "ok", "dry_run": service.dry_run, "alerts": results}, status=status)
 
     async def healthz(_request: web.Request) -> web.Response:

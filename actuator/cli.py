@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from buildkit_cache import __version__
 from buildkit_cache.checks import missing_buildctl, socket_problem
@@ -16,6 +17,7 @@ from .audit import AuditLog, Recorder
 from .auth import AuthSetupError, load_credentials, server_ssl_context
 from .metrics import ActuatorMetrics
 from .service import ActuatorService
+from .state import MemoryState, StateError, StateFile
 
 log = logging.getLogger("actuator")
 PROG = "buildkit-cache-actuator"
@@ -38,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def setup_logging(level: str) -> None:
@@ -85,12 +91,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: refusing to start without authentication: set actuator.auth.bearer_token_file or "
               "actuator.auth.basic_auth, or pass --insecure-no-auth", file=sys.stderr)
         return 2
+    state: MemoryState | StateFile = MemoryState()
+    if cfg.actuator.state_file:
+        state = StateFile(cfg.actuator.state_file, time.time)
+        try:
+            left = state.check()
+        except (StateError, OSError) as exc:
+            print(f"{prog}: {cfg.source}: actuator.state_file: {exc}", file=sys.stderr)
+            return 2
+        for key, entry in left:
+            log.warning("%s on %s/%s was still claimed when the actuator stopped (started %s): no second one "
+                        "starts before %s, or before its cooldown ends", key[2], key[0], key[1],
+                        _when(entry.started), _when(entry.busy_until))
+    elif not cfg.actuator.state_file:
+        log.warning("actuator.state_file is empty: cooldowns and running prunes are kept in memory only, and a "
+                    "restart forgets them")
     if problem := missing_buildctl(cfg):
         logging.getLogger(prog).warning("%s", problem)
     dry_run = args.dry_run or cfg.actuator.dry_run
     metrics = ActuatorMetrics(list(cfg.actuator.enabled_actions))
     recorder = Recorder(audit, metrics)
-    service = ActuatorService(cfg, Inventory(cfg), recorder, dry_run=dry_run)
+    service = ActuatorService(cfg, Inventory(cfg), recorder, dry_run=dry_run, state=state)
     app = make_app(service, credentials, recorder, cfg.actuator.max_body)
     started = "listening on {}://{}:{}{}; actions: {}; cooldown {:g}s{}".format(
         "https" if ssl_context else "http", host, port, "" if credentials.enabled else " WITHOUT AUTHENTICATION",

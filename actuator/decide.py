@@ -10,6 +10,7 @@ ever used: no label value becomes an argument of anything.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -17,6 +18,9 @@ from buildkit_cache.config import ActionConfig, Config
 from buildkit_cache.models import BuilderRef, PruneRequest
 
 from .payload import Alert
+from .state import Entry, MemoryState, StateError, StateFile
+
+log = logging.getLogger("actuator")
 
 ACTION_LABEL = "buildkit_action"
 
@@ -32,8 +36,10 @@ COOLDOWN = "cooldown"
 BUSY = "duplicate_in_progress"
 UNKNOWN_BUILDER = "unknown_builder"
 LOOKUP_FAILED = "builder_lookup_failed"  # the Docker host could not be asked: answered 503, retried
+STATE_FAILED = "state_unwritable"  # the claim could not be recorded: answered 503, retried
+RETRY_LATER = (LOOKUP_FAILED, STATE_FAILED)
 DECISIONS = (ACCEPTED, RESOLVED, NO_ACTION, UNKNOWN_ACTION, MISSING_BUILDER, NOT_ALLOWED, NO_BUDGET,
-             COOLDOWN, BUSY, UNKNOWN_BUILDER, LOOKUP_FAILED)
+             COOLDOWN, BUSY, UNKNOWN_BUILDER, LOOKUP_FAILED, STATE_FAILED)
 
 
 @dataclass(frozen=True)
@@ -124,36 +130,54 @@ def in_cooldown(last_started: float | None, now: float, cooldown: float) -> bool
 
 
 class Claims:
-    """Once per incident: what is queued or running, and when each (builder, action) last started.
+    """Once per incident: what is queued or running, and when each (builder, action) last started,
+    in the state file (`state.py`) when there is one, so that a restart or a second replica keeps them.
 
-    `settle` is synchronous and runs on the event loop, so the check and the claim that follows it
-    cannot interleave: of 50 copies of a notification arriving together, one is accepted.
+    `settle` is synchronous and runs on the event loop, and each change to the state file is made
+    under its lock, so the check and the claim that follows it cannot interleave: of 50 copies of a
+    notification arriving together, one is accepted.
     """
 
-    def __init__(self, cooldown: float, clock: Callable[[], float]):
+    def __init__(self, cooldown: float, clock: Callable[[], float], state: MemoryState | StateFile | None = None,
+                 hold: float = 0.0):
         self.cooldown = cooldown
         self.clock = clock
-        self.active: set[tuple[str, str, str]] = set()
-        self.last_started: dict[tuple[str, str, str], float] = {}
+        self.state = state if state is not None else MemoryState()
+        self.hold = hold  # how long a running claim holds when its process is gone (prune_timeout + margin)
 
     def settle(self, d: Decision) -> Decision:
         """An accepted decision claimed, or turned into a busy or cooldown skip."""
         if not d.accepted:
             return d
-        if d.key in self.active:
-            return replace(d, decision=BUSY, reason="the same prune is already queued or running")
-        now, last = self.clock(), self.last_started.get(d.key)
-        if in_cooldown(last, now, self.cooldown):
-            assert last is not None
-            return replace(d, decision=COOLDOWN,
-                           reason=f"{d.action_name} ran on {d.host}/{d.builder} {now - last:.0f}s ago; "
-                                  f"cooldown ends in {self.cooldown - (now - last):.0f}s")
-        self.active.add(d.key)
-        self.last_started[d.key] = now
+        now = self.clock()
+        try:
+            with self.state.locked() as shared:
+                e = shared.get(d.key)
+                if e is not None and e.running and (e.owner == self.state.owner or now < e.busy_until):
+                    return replace(d, decision=BUSY, reason="the same prune is already queued or running")
+                if e is not None and in_cooldown(e.started, now, self.cooldown):
+                    return replace(d, decision=COOLDOWN,
+                                   reason=f"{d.action_name} ran on {d.host}/{d.builder} {now - e.started:.0f}s ago; "
+                                          f"cooldown ends in {self.cooldown - (now - e.started):.0f}s")
+                for key, old in list(shared.entries.items()):  # what no longer holds anything
+                    if (not old.running or now >= old.busy_until) and not in_cooldown(old.started, now, self.cooldown):
+                        shared.pop(key)
+                shared.put(d.key, Entry(now, True, now + self.hold, self.state.owner))
+        except StateError as exc:
+            return replace(d, decision=STATE_FAILED, reason=f"cannot record the claim, so no prune: {exc}")
         return d
 
     def release(self, d: Decision, ran: bool) -> None:
         """The claim's run is over. One that pruned nothing leaves no cooldown: retry at once."""
-        self.active.discard(d.key)
-        if not ran:
-            self.last_started.pop(d.key, None)
+        try:
+            with self.state.locked() as shared:
+                e = shared.get(d.key)
+                if e is None or e.owner != self.state.owner or not e.running:
+                    return
+                if ran:
+                    shared.put(d.key, replace(e, running=False))
+                else:
+                    shared.pop(d.key)
+        except StateError as exc:
+            # The claim stays 'running' in the file until its hold ends: the safe side.
+            log.error("releasing the claim on %s/%s %s: %s", d.host, d.builder, d.action_name, exc)

@@ -17,12 +17,14 @@ from . import decide as D
 from .audit import Recorder
 from .executor import PruneExecutor
 from .payload import Notification
+from .state import MemoryState, StateFile
 
 log = logging.getLogger("actuator")
 
 DISCOVERY_TIMEOUT = 10.0  # a notification's reply waits at most this for a Docker host's builder list
 FRESH = 2.0  # a builder list younger than this is not asked for again, even for a name it lacks
 HEALTH_EVERY = 10.0  # seconds between /healthz's checks of the Docker hosts
+CLAIM_MARGIN = 60.0  # seconds a dead process's running claim holds beyond prune_timeout
 
 
 class Directory:
@@ -58,12 +60,15 @@ class Directory:
 
 class ActuatorService:
     def __init__(self, cfg: Config, inventory: BuilderSource, recorder: Recorder, *, dry_run: bool,
-                 clock: Callable[[], float] = time.time, max_pending: int = 64):
+                 clock: Callable[[], float] = time.time, max_pending: int = 64,
+                 state: MemoryState | StateFile | None = None):
         self.cfg = cfg
         self.recorder = recorder
         self.dry_run = dry_run
         self.max_pending = max_pending
-        self.claims = D.Claims(cfg.actuator.cooldown, clock)
+        # A claim whose process is gone holds for as long as its prune may take, and a margin.
+        hold = cfg.actuator.prune_timeout + cfg.actuator.settle_delay + CLAIM_MARGIN
+        self.claims = D.Claims(cfg.actuator.cooldown, clock, state, hold)
         self.directory = Directory(inventory)
         self.executor = PruneExecutor(prune_timeout=cfg.actuator.prune_timeout, settle_delay=cfg.actuator.settle_delay)
         recorder.metrics.track_in_progress(lambda: self.executor.running)

@@ -259,6 +259,9 @@ class ActuatorConfig:
     settle_delay: float = setting(2.0, kind=DURATION)
     max_body: int = setting(1024 * 1024, kind=BODY_SIZE)
     audit_log: str | None = None
+    # Cooldowns and running prunes, kept across restarts (and shared by replicas on one path); "":
+    # in memory only.
+    state_file: str = "/var/lib/buildkit-cache-actuator/state.json"
     actions: dict[str, ActionConfig] = setting(factory=lambda: dict(BUILTIN_ACTIONS))
 
     def check(self) -> ActuatorConfig:

@@ -122,7 +122,8 @@ class Stack:
             "exporter": {"listen": self.exporter_target, "intervals": {
                 k: interval for k in ("discovery", "records", "gc_policy", "filesystem", "state_volume")}},
             "actuator": {"listen": f"127.0.0.1:{actuator_port}", "auth": {"bearer_token_file": str(token)},
-                         "settle_delay": "1s", "audit_log": str(self.audit_path)},
+                         "settle_delay": "1s", "audit_log": str(self.audit_path),
+                         "state_file": str(workdir / "actuator-state.json")},
         }))
         self.procs: list[Any] = []
         try:

@@ -85,6 +85,7 @@ actuator:
   listen: 127.0.0.1:{port}
   auth: {{bearer_token_file: {token}}}
   tls: {{cert_file: {pki}/server.pem, key_file: {pki}/server.key, client_ca_file: {pki}/ca.pem}}
+  state_file: {tmp_path}/state.json
 """)
     svc = Service("buildkit_cache.actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
     url = f"https://127.0.0.1:{port}/alerts"
@@ -122,7 +123,8 @@ def test_a_remote_builder_without_a_buildctl_is_said_at_check_and_at_start(tmp_p
     cfg.write_text(f"docker_hosts: [unix://{tmp_path}/none.sock]\n"
                    "builders: {ci: {address: 'tcp://10.0.0.9:1234', budget: 1GB}}\n"
                    f"exporter: {{buildctl: {tmp_path}/no-buildctl, listen: '127.0.0.1:{free_port()}'}}\n"
-                   f"actuator: {{auth: {{bearer_token_file: {tmp_path}/token}}, listen: '127.0.0.1:{free_port()}'}}\n")
+                   f"actuator: {{auth: {{bearer_token_file: {tmp_path}/token}}, listen: '127.0.0.1:{free_port()}', "
+                   f"state_file: {tmp_path}/state.json}}\n")
     done = subprocess.run([sys.executable, "-m", program, "--config", str(cfg), "--check-config"],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0, done.stderr

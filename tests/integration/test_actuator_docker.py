@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from lab.engines import write_build_context
 from lab.procs import Service, free_port, http_get, value, wait_for
 from tests.conftest import engine_get
 from tests.support import builder_container
@@ -29,8 +30,10 @@ def notification(action: str, builder: str, host: str = "test", fp: str = "fp-1"
 
 
 class Actuator:
-    def __init__(self, dockerd, tmp_path: Path, budget: int, dry_run: bool = False, extra: str = ""):
+    def __init__(self, dockerd, tmp_path: Path, budget: int, dry_run: bool = False, extra: str = "",
+                 state: Path | None = None):
         self.port = free_port()
+        self.state = state or tmp_path / f"state-{self.port}.json"
         self.audit = tmp_path / f"audit-{self.port}.jsonl"
         token = tmp_path / "token"
         token.write_text(TOKEN + "\n")
@@ -47,6 +50,7 @@ actuator:
   cooldown: 1h
   settle_delay: 1s
   audit_log: {self.audit}
+  state_file: {self.state}
 {extra}
 """)
         args = ["--config", str(cfg)] + (["--dry-run"] if dry_run else [])
@@ -144,6 +148,33 @@ def test_fifty_concurrent_copies_of_a_notification_make_one_prune(big_cache, tmp
     finally:
         act.stop()
 
+
+
+def test_a_notification_redelivered_after_a_restart_within_the_cooldown_prunes_nothing(big_cache, tmp_path):
+    """The cooldown lives in the state file, so a new process keeps it (a SIGKILL during a prune:
+    tests/test_actuator_state.py)."""
+    dockerd = big_cache
+    state = tmp_path / "state.json"
+    act = Actuator(dockerd, tmp_path, 12_000_000, state=state)
+    try:
+        assert act.post(notification("prune-to-budget", "default")) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+    finally:
+        act.stop()
+    # More cache, so a second prune would have something to take.
+    write_build_context(tmp_path / "again", "again", 4, 1)
+    dockerd.build(tmp_path / "again", "again:latest")
+    before = non_shared_bytes(dockerd)
+    assert before > 12_000_000
+    again = Actuator(dockerd, tmp_path, 12_000_000, state=state)
+    try:
+        assert again.post(notification("prune-to-budget", "default")) == 200
+        time.sleep(2)
+        assert again.events("started") == []
+        assert [e["decision"] for e in again.events("skipped")] == ["cooldown"]
+    finally:
+        again.stop()
+    assert non_shared_bytes(dockerd) == before
 
 def test_a_wrong_token_gets_401_and_the_cache_is_untouched(big_cache, tmp_path):
     dockerd = big_cache

@@ -40,10 +40,11 @@ pytestmark = [pytest.mark.integration,
 
 # -- building the image ----------------------------------------------------------------------------
 
-def make_wheelhouse(dest: Path) -> None:
-    """This checkout's wheel and its dependencies' wheels for the base image's Python (3.11)."""
+def make_wheelhouse(dest: Path, src: Path) -> None:
+    """This checkout's wheel and its dependencies' wheels for the base image's Python (3.11). Built
+    from a copy (`src`): setuptools leaves build/ in the tree it builds."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dest), str(ROOT)], check=True, capture_output=True)
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dest), str(src)], check=True, capture_output=True)
     (own,) = dest.glob("buildkit_cache_exporter-*.whl")
     arch = platform.machine()
     tags = [f"manylinux_2_{v}_{arch}" for v in (34, 28, 17, 12, 5)] + [f"manylinux2014_{arch}", f"manylinux1_{arch}"]
@@ -55,8 +56,8 @@ def make_wheelhouse(dest: Path) -> None:
 
 
 def copy_context(dest: Path) -> None:
-    """The build context: the repository's tracked files (the engine sees only /tmp)."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout
+    """The build context: the repository's files, tracked or new, never ignored ones (the engine sees only /tmp)."""
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True).stdout
     for name in filter(None, files.decode().split("\0")):
         src = ROOT / name
         if src.is_file():
@@ -80,7 +81,9 @@ def base(dockerd: PrivateDockerd, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory) -> Path:
     wheels = tmp_path_factory.mktemp("wheelhouse")
-    make_wheelhouse(wheels)
+    src = tmp_path_factory.mktemp("wheel-src")
+    copy_context(src)
+    make_wheelhouse(wheels, src)
     return wheels
 
 

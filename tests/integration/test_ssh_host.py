@@ -85,7 +85,7 @@ def test_the_actuator_prunes_through_sshd(big_cache, sshd, tmp_path):
         "docker_hosts": [{"url": sshd.url, "name": "test"}],
         "builders": {"default": {"budget": 12_000_000}},
         "actuator": {"listen": f"127.0.0.1:{port}", "auth": {"bearer_token_file": str(token)}, "settle_delay": "1s",
-                     "audit_log": str(audit)},
+                     "audit_log": str(audit), "state_file": str(tmp_path / "state.json")},
     }))
     svc = Service("buildkit_cache.actuator", ["--config", str(cfg)], tmp_path / "actuator.log",
                   env={"PATH": sshd.path})

@@ -1,0 +1,139 @@
+"""Once per incident across restarts and replicas: the claims in the state file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+import pytest
+
+from buildkit_cache.actuator import decide as D
+from buildkit_cache.actuator.state import StateFile
+from tests.test_actuator import alert, decide, notification
+
+HOLD = 660.0  # prune_timeout 600 + margin
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def claims(path, clock, cooldown=3600.0) -> D.Claims:
+    """One actuator process: its own claims object over the shared file."""
+    return D.Claims(cooldown, clock, StateFile(str(path), clock), HOLD)
+
+
+def test_a_redelivery_after_a_restart_within_the_cooldown_prunes_nothing(tmp_path):
+    clock = Clock()
+    first = claims(tmp_path / "state.json", clock)
+    d = first.settle(decide())
+    assert d.accepted
+    first.release(d, ran=True)
+    clock.t += 600  # the actuator restarts; Alertmanager re-sends
+    again = claims(tmp_path / "state.json", clock).settle(decide())
+    assert again.decision == D.COOLDOWN and "cooldown ends in 3000s" in again.reason
+    clock.t += 3000
+    assert claims(tmp_path / "state.json", clock).settle(decide()).accepted
+
+
+def test_a_prune_that_pruned_nothing_leaves_no_cooldown_across_a_restart(tmp_path):
+    clock = Clock()
+    first = claims(tmp_path / "state.json", clock)
+    d = first.settle(decide())
+    first.release(d, ran=False)
+    assert claims(tmp_path / "state.json", clock).settle(decide()).accepted
+
+
+def test_a_restart_during_a_prune_starts_no_second_one_while_it_may_still_run(tmp_path):
+    clock = Clock()
+    dead = claims(tmp_path / "state.json", clock, cooldown=0.0)
+    assert dead.settle(decide()).accepted  # ... and the process is killed: no release
+    clock.t += 30
+    restarted = claims(tmp_path / "state.json", clock, cooldown=0.0)
+    busy = restarted.settle(decide())
+    assert busy.decision == D.BUSY
+    clock.t += HOLD  # past the longest the first prune may take
+    assert restarted.settle(decide()).accepted
+    # The dead process's late release (it was not dead after all) does not drop the new claim.
+    dead.release(decide(), ran=True)
+    assert restarted.settle(decide()).decision == D.BUSY
+
+
+def test_with_a_cooldown_a_dead_processes_prune_counts_as_run(tmp_path):
+    clock = Clock()
+    claims(tmp_path / "state.json", clock).settle(decide())
+    clock.t += HOLD + 1
+    assert claims(tmp_path / "state.json", clock).settle(decide()).decision == D.COOLDOWN
+
+
+def _replica(path: str, start, results) -> None:
+    c = D.Claims(3600.0, lambda: 1_000_000.0, StateFile(path, lambda: 1_000_000.0), HOLD)
+    start.wait()
+    results.put(c.settle(decide()).decision)
+
+
+def test_replicas_sharing_the_state_path_accept_one_of_many_copies(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_replica, args=(str(tmp_path / "state.json"), start, results)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    start.set()
+    got = sorted(results.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(10)
+    assert got.count(D.ACCEPTED) == 1 and got.count(D.BUSY) == 7, got
+
+
+def test_the_file_is_small_json_written_whole_and_forgets_what_no_longer_holds(tmp_path):
+    clock = Clock()
+    c = claims(tmp_path / "state.json", clock)
+    for builder in ("kamal", "limited"):
+        d = c.settle(decide(builder=builder, action="prune-idle"))
+        c.release(d, ran=True)
+    data = json.loads((tmp_path / "state.json").read_text())
+    assert data["version"] == 1 and len(data["claims"]) == 2
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".state-")] == []  # no temporary file left
+    clock.t += 3601
+    c.settle(decide())
+    assert list(json.loads((tmp_path / "state.json").read_text())["claims"]) == ['["h1", "kamal", "prune-to-budget"]']
+
+
+def test_a_damaged_file_is_said_and_replaced(tmp_path, caplog):
+    (tmp_path / "state.json").write_text("{not json")
+    assert claims(tmp_path / "state.json", Clock()).settle(decide()).accepted
+    assert "state file" in caplog.text and "unreadable" in caplog.text
+    assert json.loads((tmp_path / "state.json").read_text())["version"] == 1
+
+
+def test_a_claim_that_cannot_be_recorded_is_no_prune(tmp_path):
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    c = claims(folder / "state.json", Clock())
+    folder.rmdir()
+    d = c.settle(decide())
+    assert d.decision == D.STATE_FAILED and not d.accepted and "cannot" in d.reason
+
+
+async def test_the_service_answers_503_when_it_cannot_record_a_claim(harness, tmp_path):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    h = await harness.start(state=StateFile(str(folder / "state.json"), Clock()))
+    folder.rmdir()
+    r = await h.post(notification(alert()))
+    assert r.status == 503
+    assert (await r.json())["alerts"][0]["decision"] == D.STATE_FAILED
+    await h.settle()
+    assert h.builders["kamal"].prunes == []
+
+
+@pytest.fixture
+def harness(aiohttp_client, tmp_path):
+    from tests.test_actuator import Harness
+
+    return Harness(aiohttp_client, tmp_path)
