@@ -50,11 +50,16 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
         if refusal:
             return _error(503, f"not accepting work right now ({refusal}); retry later")
         if request.content_length is not None and request.content_length > max_body:
+            metrics.limit_hits.labels("body").inc()
             return _error(413, f"body over {max_body} bytes")
         try:
-            body = await request.read()
+            body = await request.read()  # decompressed (Content-Encoding): the limit holds after it
         except web.HTTPRequestEntityTooLarge:
+            metrics.limit_hits.labels("body").inc()
             return _error(413, f"body over {max_body} bytes")
+        except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a cut body
+            recorder.rejected(f"bad payload: {exc}", request.remote or "")
+            return _error(400, "the body cannot be read: a Content-Encoding that does not decode, or cut short")
         try:
             notification = parse_notification(json.loads(body))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -62,6 +67,8 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
             # to read is RecursionError.
             what = (str(exc) if isinstance(exc, PayloadError) else
                     "JSON nested too deep" if isinstance(exc, RecursionError) else "body is not JSON")
+            if isinstance(exc, PayloadError) and exc.limit:
+                metrics.limit_hits.labels(exc.limit).inc()
             recorder.rejected(f"bad payload: {what}", request.remote or "")
             return _error(400, f"not an Alertmanager webhook payload: {what}")
         decisions = await service.handle(notification)

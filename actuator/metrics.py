@@ -7,6 +7,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .decide import DECISIONS
+from .payload import LIMITS
 
 P = "buildkit_cache_actuator_"
 
@@ -34,12 +35,17 @@ class ActuatorMetrics:
                                     registry=r)
         self.audit_dropped = Counter(P + "audit_lines_dropped", "Audit lines not written, by event: rejected "
                                      "requests past a few a second are only counted.", ["event"], registry=r)
+        self.limit_hits = Counter(P + "limit_hits", "Requests refused for breaking a limit of one notification "
+                                  "(body size, alerts, distinct builders, labels, label length, string length).",
+                                  ["limit"], registry=r)
         self.last_prune = Gauge(P + "last_prune_timestamp_seconds", "When the last successful prune ended.",
                                 ["host", "builder", "action"], registry=r)
         # Known series start at zero, so rate() and alerts see them from the first scrape.
         for code in ("200", "400", "401", "413", "503"):
             self.notifications.labels(code)
         self.audit_dropped.labels("rejected")
+        for limit in LIMITS:
+            self.limit_hits.labels(limit)
         for a in [*action_names, "unknown"]:
             for d in DECISIONS:
                 self.alerts.labels(a, d)

@@ -8,9 +8,24 @@ from typing import Any
 
 STATUSES = ("firing", "resolved")
 
+# Limits of one notification, far above what Alertmanager sends for this project's rules (one alert
+# per builder and action, a dozen labels). Past them the notification is refused (400: Alertmanager
+# does not retry it) and the limit is counted (buildkit_cache_actuator_limit_hits_total).
+MAX_ALERTS = 500  # alerts in one notification
+MAX_BUILDERS = 50  # distinct (host, builder) among its firing alerts
+MAX_LABELS = 64  # labels (or annotations) of one alert
+MAX_LABEL_LENGTH = 1024  # characters of a label's name or value
+MAX_STRING = 4096  # characters of any other string field (annotations, receiver, groupKey, ...)
+LIMITS = ("body", "alerts", "builders", "labels", "label_length", "string_length")
+
 
 class PayloadError(ValueError):
-    """A body that is not an Alertmanager webhook notification; answered 400."""
+    """A body that is not an Alertmanager webhook notification; answered 400. `limit` names the
+    limit it broke, if that is why."""
+
+    def __init__(self, message: str, limit: str = ""):
+        super().__init__(message)
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -38,16 +53,31 @@ class Notification:
         return [a for a in self.alerts if a.firing]
 
 
-def _str_map(value: Any, where: str) -> dict[str, str]:
+def _text(value: str, where: str, most: int, limit: str) -> str:
+    if len(value) > most:
+        raise PayloadError(f"{where}: over {most} characters", limit)
+    # JSON may carry lone surrogates ("\\ud800"): no name in the config has them, nor may any output.
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PayloadError(f"{where}: not valid Unicode (a lone surrogate)") from None
+    return value
+
+
+def _str_map(value: Any, where: str, labels: bool = True) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise PayloadError(f"{where}: expected an object")
+    if len(value) > MAX_LABELS:
+        raise PayloadError(f"{where}: over {MAX_LABELS} entries", "labels")
+    most, limit = (MAX_LABEL_LENGTH, "label_length") if labels else (MAX_STRING, "string_length")
     out = {}
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise PayloadError(f"{where}: expected string keys and values")
-        out[k] = v
+        out[_text(k, f"{where} (a name)", MAX_LABEL_LENGTH, "label_length")] = _text(v, f"{where}.{k[:64]}", most, limit)
     return out
 
 
@@ -56,7 +86,7 @@ def _str(value: Any, where: str, default: str = "") -> str:
         return default
     if not isinstance(value, str):
         raise PayloadError(f"{where}: expected a string")
-    return value
+    return _text(value, where, MAX_STRING, "string_length")
 
 
 def parse_notification(data: Any) -> Notification:
@@ -72,6 +102,8 @@ def parse_notification(data: Any) -> Notification:
     raw_alerts = data.get("alerts")
     if not isinstance(raw_alerts, list):
         raise PayloadError("alerts: expected a list")
+    if len(raw_alerts) > MAX_ALERTS:
+        raise PayloadError(f"alerts: over {MAX_ALERTS} in one notification", "alerts")
     alerts = []
     for i, a in enumerate(raw_alerts):
         where = f"alerts[{i}]"
@@ -83,10 +115,13 @@ def parse_notification(data: Any) -> Notification:
         alerts.append(Alert(
             status=a_status,
             labels=_str_map(a.get("labels"), f"{where}.labels"),
-            annotations=_str_map(a.get("annotations"), f"{where}.annotations"),
+            annotations=_str_map(a.get("annotations"), f"{where}.annotations", labels=False),
             fingerprint=_str(a.get("fingerprint"), f"{where}.fingerprint"),
             starts_at=_str(a.get("startsAt"), f"{where}.startsAt"),
         ))
+    builders = {(a.labels.get("host", ""), a.labels.get("builder", "")) for a in alerts if a.firing}
+    if len(builders) > MAX_BUILDERS:
+        raise PayloadError(f"alerts: over {MAX_BUILDERS} distinct builders in one notification", "builders")
     truncated = data.get("truncatedAlerts", 0)
     if isinstance(truncated, bool) or not isinstance(truncated, int):
         raise PayloadError("truncatedAlerts: expected a number")

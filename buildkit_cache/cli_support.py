@@ -57,6 +57,11 @@ def check_against_hosts(prog: str, cfg: Config) -> None:
         print(f"{prog}: warning: {problem}", file=sys.stderr)
 
 
+# A connection must send a whole request within this after it opens (or after its last answer):
+# aiohttp 3.14.4+ closes it otherwise, so half-sent requests cannot hold descriptors for ever.
+HEADER_TIMEOUT = 15.0
+
+
 def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str,
           ssl_context: ssl.SSLContext | None = None) -> int:
     """Run an aiohttp app until SIGTERM or SIGINT, with a graceful shutdown; the exit code."""
@@ -72,7 +77,7 @@ def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str
     app.on_shutdown.append(goodbye)
     try:
         web.run_app(app, host=listen[0], port=listen[1], ssl_context=ssl_context, access_log=None, print=None,
-                    shutdown_timeout=30.0)
+                    shutdown_timeout=30.0, keepalive_timeout=HEADER_TIMEOUT)
     except OSError as exc:
         print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -411,3 +411,44 @@ async def test_no_prune_without_an_audit_record(harness):
     events = [e["event"] for e in h.audit_lines()]
     assert events.count("received") == 1 and events[-1] == "pruned"
     assert h.metric("buildkit_cache_actuator_audit_writable") == 1
+
+
+# -- limits of one notification ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("make", "limit", "code"), [
+    (lambda: notification(*[alert(fp=str(i)) for i in range(501)]), "alerts", 400),
+    (lambda: notification(*[alert(builder=f"b{i}", fp=str(i)) for i in range(51)]), "builders", 400),
+    (lambda: notification(alert(builder="k" * 1025)), "label_length", 400),
+    (lambda: notification(alert(**{f"l{i}": "v" for i in range(70)})), "labels", 400),
+    (lambda: {**notification(alert()), "receiver": "r" * 5000}, "string_length", 400),
+])
+async def test_a_notification_past_a_limit_is_refused_and_counted(harness, make, limit, code):
+    h = await harness.start()
+    r = await h.post(make())
+    assert r.status == code, await r.text()
+    assert h.metric("buildkit_cache_actuator_limit_hits_total", limit=limit) == 1
+    await h.settle()
+    assert all(not b.prunes for b in h.builders.values())
+
+
+async def test_a_lone_surrogate_in_a_label_is_refused_and_metrics_still_answer(harness):
+    h = await harness.start()
+    r = await h.post(None, raw='{"status":"firing","alerts":[{"status":"firing","labels":{"host":"h1",'
+                               '"builder":"\\ud800","buildkit_action":"prune-all"}}]}')
+    assert r.status == 400 and "surrogate" in (await r.json())["error"]
+    assert (await h.client.get("/metrics")).status == 200
+
+
+async def test_a_compressed_body_is_limited_after_decompression(harness):
+    import gzip
+    h = await harness.start()
+    bomb = gzip.compress(b" " * 20_000_000, 9)  # 20 MB of JSON whitespace in ~20 kB
+    r = await h.post(None, raw=bomb, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert r.status == 413
+    assert h.metric("buildkit_cache_actuator_limit_hits_total", limit="body") == 1
+    good = gzip.compress(json.dumps(notification(alert())).encode())
+    r = await h.post(None, raw=good, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert r.status == 200
+    garbage = await h.post(None, raw=b"not gzip", headers={"Content-Encoding": "gzip"})
+    assert garbage.status == 400

@@ -141,3 +141,44 @@ def test_a_remote_builder_without_a_buildctl_is_said_at_check_and_at_start(tmp_p
     done = subprocess.run([sys.executable, "-m", program, "--config", str(cfg), "--check-config"],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0 and "buildctl" not in done.stderr, done.stderr
+
+
+def test_half_sent_requests_are_closed_and_good_ones_answered_meanwhile(tmp_path):
+    """Slow-loris: connections that never finish their headers hold nothing for long (HEADER_TIMEOUT),
+    and a good request gets through while they are open."""
+    import socket
+    import time
+
+    from buildkit_cache.cli_support import HEADER_TIMEOUT
+
+    (tmp_path / "token").write_text("t\n")
+    port = free_port()
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: [unix://{tmp_path}/none.sock]\n"
+                   f"actuator: {{auth: {{bearer_token_file: {tmp_path}/token}}, listen: '127.0.0.1:{port}', "
+                   f"state_file: {tmp_path}/state.json}}\n")
+    svc = Service("buildkit_cache.actuator", ["--config", str(cfg)], tmp_path / "out.log")
+    slow = []
+    try:
+        wait_for("the actuator", lambda: "listening on" in svc.output(), timeout=20)
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /alerts HTTP/1.1\r\nHost: x\r\nContent-Le")
+            slow.append(s)
+        started = time.monotonic()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.status == 200
+        assert time.monotonic() - started < 2
+        time.sleep(HEADER_TIMEOUT + 3)
+        closed = 0
+        for s in slow:
+            s.settimeout(1)
+            try:
+                closed += s.recv(100) == b""
+            except (ConnectionResetError, TimeoutError):
+                closed += 0
+        assert closed == len(slow), f"{closed} of {len(slow)} half-sent requests closed"
+    finally:
+        for s in slow:
+            s.close()
+        svc.stop()
