@@ -58,7 +58,12 @@ def describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _plain(key: str) -> bool:
+    return key.isprintable() and len(key) <= 200
 
 
 def join(where: str, key: str | int | None) -> str:
@@ -66,8 +71,10 @@ def join(where: str, key: str | int | None) -> str:
         return where
     if isinstance(key, int):
         return f"{where}[{key}]"
-    if key.startswith("["):
+    if key.startswith("[") and key.endswith("]") and _plain(key[1:-1]):
         return f"{where}{key}"
+    if not _plain(key):  # a key that would break the line or hide in it: quoted (and cut)
+        key = repr(key if len(key) <= 60 else key[:60] + "...")
     return f"{where}.{key}" if where else key
 
 
