@@ -160,8 +160,12 @@ class Recorder:
         if o.result != SUCCESS:
             if o.passes:
                 self.metrics.duration.labels(d.action_name).observe(o.duration_seconds)
-            self.audit.record("failed", **common, reason=o.reason, passes=o.passes or None, records=o.records,
-                              reclaimed_bytes=o.reclaimed_bytes)
+            if o.reclaimed_bytes:  # deleted before it failed or ran out of time: freed all the same
+                self.metrics.reclaimed.labels(*labels).inc(o.reclaimed_bytes)
+            self.audit.record("failed", **common, result=o.result, reason=o.reason, passes=o.passes or None,
+                              records=o.records, reclaimed_bytes=o.reclaimed_bytes,
+                              cache_bytes_before=o.cache_bytes_before, cache_bytes_after=o.cache_bytes_after,
+                              cooldown="kept: it deleted records" if o.ran else "none: retry at once")
             return
         self.metrics.duration.labels(d.action_name).observe(o.duration_seconds)
         self.metrics.reclaimed.labels(*labels).inc(o.reclaimed_bytes)

@@ -46,8 +46,9 @@ class Outcome:
 
     @property
     def ran(self) -> bool:
-        """Whether it counts as the incident's run (and so starts its cooldown)."""
-        return self.result in (SUCCESS, DRY_RUN)
+        """Whether it counts as the incident's run (and so starts its cooldown): it succeeded, or it
+        failed or timed out after deleting something (a re-send must not prune again at once)."""
+        return self.result in (SUCCESS, DRY_RUN) or self.records > 0 or self.reclaimed_bytes > 0
 
     @property
     def cache_freed_bytes(self) -> int | None:
@@ -131,13 +132,17 @@ class PruneExecutor:
         try:
             while True:
                 passes += 1
-                outcome = await self._pass(builder, req, deadline - time.monotonic())
-                if isinstance(outcome, str):
-                    result = TIMEOUT if outcome.startswith("the prune did not finish") else FAILURE
-                    return Outcome(result, outcome, deleted, reclaimed, passes, before,
+                outcome, error = await self._pass(builder, req, deadline - time.monotonic())
+                if outcome is not None:
+                    deleted += outcome.records_deleted
+                    reclaimed += outcome.bytes_reclaimed
+                if error:
+                    # What earlier passes (or this one, finishing late) deleted is kept and reported.
+                    result = TIMEOUT if error.startswith("the prune did not finish") else FAILURE
+                    after = await self._cache_bytes(builder) if deleted else None
+                    return Outcome(result, error, deleted, reclaimed, passes, before, after,
                                    duration_seconds=time.monotonic() - started)
-                deleted += outcome.records_deleted
-                reclaimed += outcome.bytes_reclaimed
+                assert outcome is not None
                 if outcome.records_deleted == 0 or passes >= MAX_PASSES or not await self._more_to_do(builder, req):
                     break
                 log.info("prune of %s stopped short of its target; pass %d", builder.ref, passes + 1)
@@ -149,21 +154,22 @@ class PruneExecutor:
         after, disk_after = await self._cache_bytes(builder), await self._disk_avail(builder)
         return Outcome(SUCCESS, "", deleted, reclaimed, passes, before, after, disk_before, disk_after, duration)
 
-    async def _pass(self, builder: Builder, req: PruneRequest, timeout: float) -> PruneResult | str:
-        """One prune call; its result, or why it failed. Waits for BuildKit even past the timeout."""
+    async def _pass(self, builder: Builder, req: PruneRequest, timeout: float) -> tuple[PruneResult | None, str]:
+        """One prune call: its result (if it has one) and why it failed ("" if it did not). Waits
+        for BuildKit even past the timeout, and keeps what a late finish reports."""
+        late = f"the prune did not finish within {self.prune_timeout:g}s"
         if timeout <= 0:
-            return f"the prune did not finish within {self.prune_timeout:g}s"
+            return None, late
         fut = asyncio.get_running_loop().run_in_executor(self.pool, builder.prune, req, timeout)
         done, _ = await asyncio.wait({fut}, timeout=timeout)
         if not done:
             # Keep the builder's lock until BuildKit is really done: never two prunes at once.
             await asyncio.wait({fut})
-            return f"the prune did not finish within {self.prune_timeout:g}s"
         try:
             result: PruneResult = fut.result()
         except BuilderError as exc:
-            return str(exc)
-        return result
+            return None, late if not done else str(exc)
+        return result, "" if done else late
 
     async def _more_to_do(self, builder: Builder, req: PruneRequest) -> bool:
         """Whether a keep-storage prune stopped short of its target.

@@ -452,3 +452,22 @@ async def test_a_compressed_body_is_limited_after_decompression(harness):
     assert r.status == 200
     garbage = await h.post(None, raw=b"not gzip", headers={"Content-Encoding": "gzip"})
     assert garbage.status == 400
+
+
+async def test_a_timeout_after_progress_keeps_what_was_freed_and_the_cooldown(harness):
+    """Passes of a keep-storage prune delete records, then time runs out: the bytes count, the line
+    says so, and a re-sent notification does not prune again at once."""
+    harness.builders["kamal"].short_prunes = True
+    harness.builders["kamal"].prune_seconds = 0.8  # prune_timeout is 2s: the third pass ends late
+    cfg = {**CFG, "builders": {**CFG["builders"], "kamal": {"budget": "1MB"}}}
+    h = await harness.start(cfg)
+    await h.post(notification(alert()))
+    await h.settle()
+    failed = [e for e in h.audit_lines() if e["event"] == "failed"]
+    assert len(failed) == 1 and failed[0]["result"] == "timeout", h.audit_lines()
+    assert failed[0]["records"] == 6 and failed[0]["reclaimed_bytes"] > 0
+    assert failed[0]["cooldown"].startswith("kept")
+    assert h.metric("buildkit_cache_actuator_reclaimed_bytes_total", host="h1", builder="kamal",
+                    action="prune-to-budget") == failed[0]["reclaimed_bytes"]
+    r = await h.post(notification(alert()))
+    assert (await r.json())["alerts"][0]["decision"] == D.COOLDOWN
