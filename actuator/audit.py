@@ -145,6 +145,13 @@ class Recorder:
         self.audit.record("started", **self._common(d), request=_request(d), cache_bytes=cache_bytes,
                           disk_avail_bytes=disk_avail_bytes)
 
+    def interrupted(self, d: Decision) -> None:
+        """The actuator stopped while this prune ran; BuildKit may finish it on its own."""
+        self.metrics.prunes.labels(d.host, d.builder, d.action_name, "interrupted").inc()
+        self.audit.record("failed", **self._common(d), result="interrupted",
+                          reason="the actuator stopped while the prune was running; BuildKit may still finish it",
+                          cooldown="kept: the claim holds until the prune's time is up")
+
     def outcome(self, d: Decision, o: Outcome) -> None:
         """A prune's or dry run's outcome: its audit line, `prunes_total` and the byte counters."""
         labels = (d.host, d.builder, d.action_name)

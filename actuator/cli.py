@@ -117,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
         "https" if ssl_context else "http", host, port, "" if credentials.enabled else " WITHOUT AUTHENTICATION",
         ", ".join(sorted(cfg.actuator.enabled_actions)), cfg.actuator.cooldown,
         "; DRY-RUN: nothing will be pruned" if dry_run else "")
-    return serve(app, PROG, (host, port), started, ssl_context)
+    return serve(app, PROG, (host, port), started, ssl_context, drain=service.drain)

@@ -25,6 +25,7 @@ DISCOVERY_TIMEOUT = 10.0  # a notification's reply waits at most this for a Dock
 FRESH = 2.0  # a builder list younger than this is not asked for again, even for a name it lacks
 HEALTH_EVERY = 10.0  # seconds between /healthz's checks of the Docker hosts
 CLAIM_MARGIN = 60.0  # seconds a dead process's running claim holds beyond prune_timeout
+DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for running prunes (compose: stop_grace_period 45s)
 
 
 class Directory:
@@ -140,16 +141,31 @@ class ActuatorService:
                 on_start=lambda cache, disk: self.recorder.started(d, cache, disk))
             self.recorder.outcome(d, outcome)
             ran = outcome.ran
+        except asyncio.CancelledError:
+            # Stopped while BuildKit may still be pruning: say so, and keep the claim, which holds
+            # (in the state file) until the prune's time is up, so a restart does not start another.
+            self.recorder.interrupted(d)
+            raise
         except Exception:  # noqa: BLE001 - a bug must not kill the service or leave a claim behind
             log.exception("prune of %s/%s failed unexpectedly", d.host, d.builder)
-        finally:
+            self.claims.release(d, ran)
+        else:
             self.claims.release(d, ran)
 
-    async def close(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let running prunes finish for up to `timeout`, then stop."""
+    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+        """On SIGTERM, while the listener stays open: refuse new work (503, which Alertmanager
+        retries, and /healthz says so) and give running prunes up to `timeout` to finish."""
         self.accepting = False
         if self.tasks:
+            log.info("waiting up to %gs for %d prune(s) to finish", timeout, len(self.tasks))
             await asyncio.wait(set(self.tasks), timeout=timeout)
-        for t in list(self.tasks):
+
+    async def close(self) -> None:
+        """Stop: prunes still running are recorded as interrupted."""
+        self.accepting = False
+        tasks = list(self.tasks)
+        for t in tasks:
             t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         self.executor.close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
 
 import yaml
 from aiohttp import web
@@ -62,22 +65,36 @@ def check_against_hosts(prog: str, cfg: Config) -> None:
 HEADER_TIMEOUT = 15.0
 
 
+Drain = Callable[[], Awaitable[None]]
+
+
 def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str,
-          ssl_context: ssl.SSLContext | None = None) -> int:
-    """Run an aiohttp app until SIGTERM or SIGINT, with a graceful shutdown; the exit code."""
+          ssl_context: ssl.SSLContext | None = None, drain: Drain | None = None) -> int:
+    """Run an aiohttp app until SIGTERM or SIGINT; the exit code.
+
+    On the signal, `drain` runs first while the listener stays open (the actuator answers 503 and
+    lets running prunes finish), then the server stops: connections are never refused meanwhile."""
     log = logging.getLogger(prog)
 
-    async def announce(_app: web.Application) -> None:
-        log.info("%s", started)
+    async def run() -> None:
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=HEADER_TIMEOUT, shutdown_timeout=10.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, listen[0], listen[1], ssl_context=ssl_context).start()
+            log.info("%s", started)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+            log.info("shutting down")
+            if drain is not None:
+                await drain()
+        finally:
+            await runner.cleanup()
 
-    async def goodbye(_app: web.Application) -> None:
-        log.info("shutting down")
-
-    app.on_startup.append(announce)
-    app.on_shutdown.append(goodbye)
     try:
-        web.run_app(app, host=listen[0], port=listen[1], ssl_context=ssl_context, access_log=None, print=None,
-                    shutdown_timeout=30.0, keepalive_timeout=HEADER_TIMEOUT)
+        asyncio.run(run())
     except OSError as exc:
         print(f"{prog}: cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}", file=sys.stderr)
         return 1

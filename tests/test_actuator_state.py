@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
+import time
 
 import pytest
 
@@ -137,3 +139,19 @@ def harness(aiohttp_client, tmp_path):
     from tests.test_actuator import Harness
 
     return Harness(aiohttp_client, tmp_path)
+
+
+async def test_a_prune_cut_off_by_shutdown_is_recorded_and_its_claim_outlives_the_process(harness, tmp_path):
+    harness.builders["kamal"].prune_seconds = 1.5
+    state = StateFile(str(tmp_path / "state.json"), time.time)
+    h = await harness.start(state=state)  # the service's clock: time.time
+    await h.post(notification(alert()))
+    await asyncio.sleep(0.2)
+    await h.service.drain(timeout=0.1)
+    await h.service.close()
+    failed = [e for e in h.audit_lines() if e["event"] == "failed"]
+    assert len(failed) == 1 and failed[0]["result"] == "interrupted", h.audit_lines()
+    assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
+                    result="interrupted") == 1
+    # A new process finds the claim and starts no second prune.
+    assert claims(tmp_path / "state.json", time.time).settle(decide()).decision == D.BUSY

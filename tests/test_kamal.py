@@ -50,6 +50,7 @@ def compose_settings(name: str) -> dict:
         "network": svc.get("network_mode"),
         "entrypoint": svc.get("entrypoint"),
         "command": svc.get("command"),
+        "stop_seconds": int(str(svc["stop_grace_period"]).rstrip("s")) if "stop_grace_period" in svc else None,
         "mounts": mounts,
     }
 
@@ -75,6 +76,7 @@ def kamal_settings(name: str) -> dict:
         "network": acc.get("network"),
         "entrypoint": [entry] if entry else None,
         "command": shlex.split(acc["cmd"]) if acc.get("cmd") else None,
+        "stop_seconds": int(options["stop-timeout"]) if "stop-timeout" in options else None,
         "mounts": mounts,
     }
 

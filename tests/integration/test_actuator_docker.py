@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -293,3 +294,26 @@ def test_an_unknown_builder_is_answered_200_and_nothing_is_pruned(big_cache, tmp
     finally:
         act.stop()
     assert non_shared_bytes(dockerd) == before
+
+
+def test_sigterm_during_a_prune_answers_503_meanwhile_and_records_the_outcome(dockerd, builder_image, tmp_path):
+    """While it drains, the listener stays open: notifications get 503 (Alertmanager retries) and
+    /healthz says it is shutting down; the running prune finishes and its line is written."""
+    container, volume = builder_container.start_builder(dockerd, "slow0")
+    dockerd.cli("exec", container, "sh", "-c", "echo 6 > /fixtures/slowprune")
+    act = Actuator(dockerd, tmp_path, 12_000_000)
+    try:
+        assert act.post(notification("prune-all", "slow")) == 200
+        wait_for("the prune to start", lambda: act.events("started"), timeout=30)
+        act.svc.proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert act.post(notification("prune-all", "default", fp="fp-2")) == 503
+        code, text = http_get(act.url + "/healthz")
+        assert code == 503 and "shutting down" in text
+        assert act.svc.proc.wait(40) == 0
+        pruned = act.events("pruned")
+        assert len(pruned) == 1 and pruned[0]["builder"] == "slow" and pruned[0]["container"] == container
+    finally:
+        act.svc.stop()
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)

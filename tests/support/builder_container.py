@@ -18,6 +18,7 @@ IMAGE = "bkce-test-builder:latest"
 #   old   -> behave like a buildctl without --format (only -v / --verbose output)
 #   gc    -> report the default GC policy (debug-workers-gc.json) instead of GC off
 #   hang  -> `du` never answers (a hung buildkitd)
+#   slowprune -> `prune` takes as many seconds as the file says
 BUILDCTL = r"""#!/bin/sh
 F=/fixtures
 echo "$*" >> /var/log/buildctl-calls
@@ -28,7 +29,7 @@ case "$*" in
   "du -v") cat $F/du-verbose.txt ;;
   "debug workers --format json") old; cat $F/debug-workers$GC.json ;;
   "debug workers --verbose") cat $F/debug-workers-verbose$GC.txt ;;
-  "prune "*"--format json"*) cat $F/prune-keep-storage-20MB.json ;;
+  "prune "*"--format json"*) [ -e $F/slowprune ] && sleep "$(cat $F/slowprune)"; cat $F/prune-keep-storage-20MB.json ;;
   "prune "*) cat $F/prune-keep-storage-30MB.txt ;;
   *) echo "buildctl stand-in: unsupported arguments: $*" >&2; exit 2 ;;
 esac
