@@ -49,11 +49,6 @@ class CacheRecord:
             return "shared"
         return "reclaimable"
 
-    @property
-    def last_activity(self) -> datetime | None:
-        """When the record was last used, or created if it never was."""
-        return self.last_used_at or self.created_at
-
 
 @dataclass(frozen=True)
 class GCRule:

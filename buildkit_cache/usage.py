@@ -20,9 +20,15 @@ class UsageSummary:
 
 
 def summarize(
-    records: Iterable[CacheRecord], now: datetime, idle_windows: Sequence[float] = ()
+    records: Iterable[CacheRecord], now: datetime, idle_windows: Sequence[float] = (),
+    fresh_cache_mounts: bool = False,
 ) -> UsageSummary:
-    """Partition records by type and state, with zeros for every known type and state."""
+    """Partition records by type and state, with zeros for every known type and state.
+
+    Idle bytes per window are what a prune keeping that duration (`prune-idle`) would take, by
+    BuildKit's rule: a record is spared only if its lastUsedAt is set and within the window, so one
+    never used since it was made is idle in every window, however new. `fresh_cache_mounts`: the
+    builder marks cache mounts used as a prune starts (the docker driver), so they are never idle."""
     by: dict[tuple[str, str], list[int]] = {(t, s): [0, 0] for t in RECORD_TYPES for s in STATES}
     idle = {w: 0 for w in idle_windows}
     total_bytes = total_records = 0
@@ -33,10 +39,10 @@ def summarize(
         cell[1] += r.size
         total_bytes += r.size
         total_records += 1
-        if is_prunable(r, prune_all=False):
-            idle_for = idle_seconds(r, now)
+        if is_prunable(r, prune_all=False) and not (fresh_cache_mounts and r.record_type == "exec.cachemount"):
+            unused_for = None if r.last_used_at is None else (now - r.last_used_at) / timedelta(seconds=1)
             for w in idle_windows:
-                if idle_for is not None and idle_for >= w:
+                if unused_for is None or unused_for >= w:
                     idle[w] += r.size
     return UsageSummary(
         by_type_state={k: (v[0], v[1]) for k, v in by.items()},
@@ -57,10 +63,3 @@ def is_prunable(record: CacheRecord, prune_all: bool) -> bool:
         return True
     return not record.shared and record.record_type not in INTERNAL_TYPES
 
-
-def idle_seconds(record: CacheRecord, now: datetime) -> float | None:
-    """Seconds since the record was last used (or created); None if neither is known."""
-    last = record.last_activity
-    if last is None:
-        return None
-    return max(0.0, (now - last) / timedelta(seconds=1))

@@ -5,7 +5,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from buildkit_cache import parse
-from buildkit_cache.models import RECORD_TYPES, STATES, CacheRecord
+from buildkit_cache.models import RECORD_TYPES, STATES, CacheRecord, PruneRequest
+from buildkit_cache.prune_plan import plan_prune
 from buildkit_cache.usage import summarize
 
 F = Path(__file__).parent / "fixtures"
@@ -53,10 +54,24 @@ def test_idle_windows_count_what_a_prune_with_until_would_free():
         rec("old-in-use", 1000, in_use=True, idle=timedelta(days=3)),
         rec("old-shared", 2000, shared=True, idle=timedelta(days=3)),
         rec("old-internal", 4000, rtype="internal", idle=timedelta(days=3)),
-        rec("never-used", 20, idle=timedelta(days=2), last_used=False),  # falls back to created_at
+        # Never used since it was made: BuildKit's keep-duration spares only records whose lastUsedAt
+        # is set and recent, so a prune-idle takes it whatever its age.
+        rec("never-used", 20, idle=timedelta(minutes=1), last_used=False),
     ]
     s = summarize(records, NOW, idle_windows=[hour, day, 7 * day])
-    assert s.idle_bytes == {hour: 130, day: 120, 7 * day: 0}
+    assert s.idle_bytes == {hour: 130, day: 120, 7 * day: 20}
+    # The same figures as the prune-idle plan of each window (the dry run's, checked against the engine).
+    for window, idle in s.idle_bytes.items():
+        plan = plan_prune(records, PruneRequest(keep_duration_seconds=window), NOW)
+        assert sum(r.size for r in plan) == idle
+
+
+def test_cache_mounts_a_docker_driver_marks_used_at_each_prune_are_never_idle():
+    records = [rec("mount", 50, rtype="exec.cachemount", idle=timedelta(days=9)), rec("old", 100, idle=timedelta(days=9))]
+    assert summarize(records, NOW, [3600.0], fresh_cache_mounts=True).idle_bytes == {3600.0: 100}
+    assert summarize(records, NOW, [3600.0]).idle_bytes == {3600.0: 150}
+    plan = plan_prune(records, PruneRequest(keep_duration_seconds=3600.0), NOW, fresh_cache_mounts=True)
+    assert [r.id for r in plan] == ["old"]
 
 
 def test_recorded_buildctl_cache_is_idle_after_an_hour_not_after_a_day():

@@ -22,7 +22,8 @@ class Records(Measurement[UsageSummary]):
 
     def run(self, builder: Builder, cfg: Config) -> UsageSummary:
         # Keep the summary, not the records: a busy builder has tens of thousands.
-        return summarize(builder.records(), datetime.now(UTC), cfg.exporter.idle_windows)
+        return summarize(builder.records(), datetime.now(UTC), cfg.exporter.idle_windows,
+                         builder.fresh_cache_mounts())
 
     def families(self) -> Families:
         return {
