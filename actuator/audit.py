@@ -73,7 +73,8 @@ class AuditLog:
             return not self.failure
 
     def _flush(self) -> None:
-        assert self.path
+        if not self.path:
+            return
         try:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(line + "\n" for line in self.pending))

@@ -52,7 +52,8 @@ class Action:
 
     @classmethod
     def of(cls, name: str, cfg: ActionConfig) -> Action:
-        assert cfg.kind is not None
+        if cfg.kind is None:  # config.ActuatorConfig.check fills every kind in
+            raise ValueError(f"action {name!r} has no kind")
         return cls(name, cfg.kind, cfg.idle_for)
 
 
@@ -83,7 +84,8 @@ class Decision:
 
 def prune_request(action: Action, budget: int | None) -> PruneRequest:
     if action.kind == "prune-to-budget":
-        assert budget is not None
+        if budget is None:  # decide() answers no_budget before it gets here
+            raise ValueError("prune-to-budget needs a budget")
         return PruneRequest(keep_storage=budget)
     if action.kind == "prune-idle":
         return PruneRequest(keep_duration_seconds=action.idle_for or 0.0)

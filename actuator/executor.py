@@ -142,7 +142,8 @@ class PruneExecutor:
                     after = await self._cache_bytes(builder) if deleted else None
                     return Outcome(result, error, deleted, reclaimed, passes, before, after,
                                    duration_seconds=time.monotonic() - started)
-                assert outcome is not None
+                if outcome is None:  # _pass gives a result or an error, never neither
+                    raise RuntimeError("a prune pass returned neither a result nor an error")
                 if outcome.records_deleted == 0 or passes >= MAX_PASSES or not await self._more_to_do(builder, req):
                     break
                 log.info("prune of %s stopped short of its target; pass %d", builder.ref, passes + 1)

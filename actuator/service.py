@@ -123,8 +123,7 @@ class ActuatorService:
             refs = None if builders is None else {k: b.ref for k, b in builders.items()}
             d = self.claims.settle(D.decide(alert, self.cfg, refs))
             self.recorder.decision(d)
-            if d.accepted:
-                assert builders is not None
+            if d.accepted and builders is not None:  # accepted only when the builders are known
                 task = asyncio.get_running_loop().create_task(self._run(d, builders[(d.host, d.builder)]),
                                                               name=f"prune {d.host}/{d.builder}")
                 self.tasks.add(task)
@@ -133,7 +132,8 @@ class ActuatorService:
         return decisions
 
     async def _run(self, d: D.Decision, builder: Builder) -> None:
-        assert d.request is not None
+        if d.request is None:  # every accepted decision carries its request
+            raise ValueError(f"accepted decision without a request: {d}")
         ran = False
         try:
             outcome = await self.executor.run(

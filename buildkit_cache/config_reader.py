@@ -95,7 +95,8 @@ class Reader:
             data = {}
         if not isinstance(data, Mapping):
             raise self.error(where, f"expected a mapping of keys, got {describe(data)}")
-        assert dataclasses.is_dataclass(cls)
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"{cls!r} is not a dataclass")
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")}
         for key in data:

@@ -112,8 +112,8 @@ class DockerHost:
             if self._client is not None:
                 try:
                     self._client.close()
-                except Exception:  # noqa: BLE001 - closing a broken client must not raise
-                    pass
+                except Exception as exc:  # noqa: BLE001 - closing a broken client must not raise
+                    log.debug("closing the client of %s: %s", self.name, exc)
             self._client = None
 
     def _call(self, what: str, fn: Callable[[docker.APIClient], T], client_error: type[BuilderError] = BuilderError,

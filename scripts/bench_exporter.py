@@ -68,8 +68,8 @@ def bench_walk(files: int) -> None:
 
         def du_find():
             du = subprocess.run(["du", "-skx", str(root)], capture_output=True, text=True, check=True).stdout
-            n = subprocess.run(f"find '{root}' -xdev | wc -l", shell=True, capture_output=True, text=True).stdout
-            return int(du.split()[0]) * 1024, int(n)
+            n = subprocess.run(["find", str(root), "-xdev"], capture_output=True, text=True, check=True).stdout
+            return int(du.split()[0]) * 1024, n.count("\n")
 
         t_du, (du_bytes, find_files) = timed(du_find)
         print(f"walk: {usage.files} inodes, {usage.bytes / 1e6:.1f} MB allocated")

@@ -4,16 +4,27 @@ builder container. Nothing here is skipped: a skipped test fails the run (see th
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from lab import engines
 from lab.engines import PrivateDockerd, write_build_context
 from tests.support import builder_container
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# hypothesis keeps a cache folder: in a temporary one, removed at the end, not in the checkout.
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="bkce-hypothesis-", dir=os.environ.get("BKCE_WORK") or None)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
 
 
 # -- a skipped test is a missing test --------------------------------------------------------------
