@@ -8,30 +8,20 @@ still answered at once afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
-import http.client
 import json
-import threading
 import time
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from buildkit_cache.actuator.app import make_app
-from buildkit_cache.actuator.audit import AuditLog, Recorder
-from buildkit_cache.actuator.auth import Credentials
-from buildkit_cache.actuator.metrics import ActuatorMetrics
-from buildkit_cache.actuator.service import ActuatorService
 from buildkit_cache.config import as_dict, parse_config
 from buildkit_cache.config_reader import ConfigError
-from lab.procs import free_port
-from tests.support.recorded import RecordedBuilder, StaticInventory
+from tests.support.live_actuator import LiveActuator
 
 TOKEN = "s3cret-token"
 CFG = {
@@ -44,62 +34,9 @@ BUILDERS = ("kamal", "limited", "other")
 ACTIONS = ("prune-to-budget", "prune-idle", "prune-all")
 
 
-class LiveActuator:
-    """The actuator's app on 127.0.0.1, served by an event loop in a thread."""
-
-    def __init__(self, tmp_path):
-        self.builders = {n: RecordedBuilder(n) for n in BUILDERS}
-        self.cfg = parse_config(CFG)
-        self.metrics = ActuatorMetrics(list(self.cfg.actuator.enabled_actions))
-        self.recorder = Recorder(AuditLog(str(tmp_path / "audit.jsonl")), self.metrics)
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-
-    def _serve(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.service = ActuatorService(self.cfg, StaticInventory(self.builders.values()), self.recorder, dry_run=False)
-        app = make_app(self.service, Credentials(bearer_token=TOKEN.encode()), self.recorder,
-                       self.cfg.actuator.max_body)
-        self.runner = web.AppRunner(app, access_log=None)
-        self.loop.run_until_complete(self.runner.setup())
-        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
-        ready.set()
-        self.loop.run_forever()
-
-    def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> int:
-        """One request on a connection of its own (what a connection is left in after a malformed
-        request is the server's business, and a hostile sender's)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            r = conn.getresponse()
-            r.read()
-            return r.status
-        finally:
-            conn.close()
-
-    def prunes(self) -> int:
-        return sum(len(b.prunes) for b in self.builders.values())
-
-    def idle(self) -> None:
-        """Wait until the prunes started so far are done."""
-        deadline = time.monotonic() + 10
-        while self.service.tasks and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    a = LiveActuator(tmp_path_factory.mktemp("live"))
+    a = LiveActuator(tmp_path_factory.mktemp("live"), CFG, BUILDERS, TOKEN)
     yield a
     a.close()
 
