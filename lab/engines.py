@@ -355,7 +355,7 @@ def busybox_files() -> tuple[dict[str, bytes | tuple[bytes, int]], dict[str, str
     """A minimal rootfs: static busybox and the applets the exporter runs in a builder container."""
     files: dict[str, bytes | tuple[bytes, int]] = {"bin/busybox": (Path(BUSYBOX).read_bytes(), 0o755)}
     links = {f"bin/{a}": "busybox" for a in ("sh", "cat", "du", "df", "find", "wc", "sleep", "mkdir", "dd",
-                                                "echo", "rm", "touch", "ln", "ls", "head", "timeout", "ps", "pgrep")}
+                                                "echo", "rm", "touch", "ln", "ls", "head", "timeout", "ps", "pgrep", "yes")}
     return files, links
 
 

@@ -317,3 +317,31 @@ def test_sigterm_during_a_prune_answers_503_meanwhile_and_records_the_outcome(do
         act.svc.stop()
         dockerd.cli("rm", "-f", container, check=False)
         dockerd.cli("volume", "rm", volume, check=False)
+
+
+def test_sigkill_during_a_prune_then_a_restart_starts_no_second_prune(dockerd, builder_image, tmp_path):
+    """The process dies while BuildKit (here: buildctl in the builder container) still prunes; the
+    next process finds the claim in the state file and starts nothing for the re-sent notification."""
+    container, volume = builder_container.start_builder(dockerd, "killed0")
+    dockerd.cli("exec", container, "sh", "-c", "echo 8 > /fixtures/slowprune")
+    state = tmp_path / "state.json"
+    first = Actuator(dockerd, tmp_path, 12_000_000, state=state)
+    second = None
+    try:
+        assert first.post(notification("prune-all", "killed")) == 200
+        wait_for("the prune to start", lambda: first.events("started"), timeout=30)
+        first.svc.proc.kill()
+        first.svc.proc.wait(10)
+        second = Actuator(dockerd, tmp_path, 12_000_000, state=state)
+        assert second.post(notification("prune-all", "killed")) == 200
+        time.sleep(10)  # past the first prune's end in the container
+        assert [e["decision"] for e in second.events("skipped")] == ["duplicate_in_progress"]
+        assert second.events("started") == []
+        assert "still claimed when the actuator stopped" in second.svc.output()
+        calls = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls").stdout.decode()
+        assert len([c for c in calls.splitlines() if c.startswith("prune")]) == 1, calls
+    finally:
+        if second is not None:
+            second.stop()
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)

@@ -190,6 +190,24 @@ async def test_older_buildctl_without_format_falls_back_to_verbose_output(docker
     assert "du -v" in calls and "debug workers --verbose" in calls
 
 
+@pytest.mark.parametrize(("switch", "said"), [("garbage", "JSON"), ("huge", "printed more than 64 MiB")])
+async def test_garbage_or_a_flood_from_buildctl_fails_records_only_and_recovers(dockerd, kamal_builder, switch, said,
+                                                                               caplog):
+    container, _ = kamal_builder
+    L = {"host": "test", "builder": "kamal"}
+    dockerd.cli("exec", container, "touch", f"/fixtures/{switch}")
+    try:
+        _, reg = await collect_once(config_for(dockerd))
+    finally:
+        dockerd.cli("exec", container, "rm", "-f", f"/fixtures/{switch}")
+    assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 0
+    assert said in caplog.text, caplog.text[-2000:]
+    for other in ("gc_policy", "state_volume", "filesystem"):
+        assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": other}) == 1, other
+    _, reg = await collect_once(config_for(dockerd))
+    assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 1
+
+
 async def test_stopped_builder_fails_records_but_still_measures_its_volume(dockerd, builder_image):
     container, volume = builder_container.start_builder(dockerd, "stopped0")
     try:

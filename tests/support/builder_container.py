@@ -19,13 +19,17 @@ IMAGE = "bkce-test-builder:latest"
 #   gc    -> report the default GC policy (debug-workers-gc.json) instead of GC off
 #   hang  -> `du` never answers (a hung buildkitd)
 #   slowprune -> `prune` takes as many seconds as the file says
+#   garbage -> `du` prints what is not JSON;  huge -> `du` prints 70 MB
 BUILDCTL = r"""#!/bin/sh
 F=/fixtures
 echo "$*" >> /var/log/buildctl-calls
 old() { if [ -e $F/old ]; then echo 'flag provided but not defined: -format' >&2; exit 1; fi; }
 GC=""; [ -e $F/gc ] && GC="-gc"
 case "$*" in
-  "du --format json") old; if [ -e $F/hang ]; then exec sleep 100000; fi; cat $F/du.json ;;
+  "du --format json") old; if [ -e $F/hang ]; then exec sleep 100000; fi
+    if [ -e $F/garbage ]; then echo '{"not": [json'; exit 0; fi
+    if [ -e $F/huge ]; then yes '{"ID":"x","Size":1}' | head -c 70000000; exit 0; fi
+    cat $F/du.json ;;
   "du -v") cat $F/du-verbose.txt ;;
   "debug workers --format json") old; cat $F/debug-workers$GC.json ;;
   "debug workers --verbose") cat $F/debug-workers-verbose$GC.txt ;;
