@@ -345,3 +345,32 @@ def test_sigkill_during_a_prune_then_a_restart_starts_no_second_prune(dockerd, b
             second.stop()
         dockerd.cli("rm", "-f", container, check=False)
         dockerd.cli("volume", "rm", volume, check=False)
+
+
+def test_dockerd_going_down_during_a_prune_is_recorded_said_by_healthz_and_recovered_from(build_cache, builder_image,
+                                                                                         tmp_path):
+    dockerd = build_cache
+    container, volume = builder_container.start_builder(dockerd, "downed0")
+    dockerd.cli("exec", container, "sh", "-c", "echo 20 > /fixtures/slowprune")
+    act = Actuator(dockerd, tmp_path, 12_000_000)
+    try:
+        assert act.post(notification("prune-all", "downed")) == 200
+        wait_for("the prune to start", lambda: act.events("started"), timeout=30)
+        dockerd.stop()
+        try:
+            wait_for("the prune to fail", lambda: act.events("failed"), timeout=60)
+            failed = act.events("failed")[0]
+            assert failed["builder"] == "downed" and failed["cooldown"].startswith("none"), failed
+            wait_for("/healthz to say so", lambda: http_get(act.url + "/healthz")[0] == 503, timeout=30)
+            assert "cannot prune: docker host test" in http_get(act.url + "/healthz")[1]
+        finally:
+            dockerd.start()
+        # Without a restart: healthy again, and the next notification prunes.
+        wait_for("/healthz to recover", lambda: http_get(act.url + "/healthz")[0] == 200, timeout=60)
+        assert act.post(notification("prune-to-budget", "default", fp="fp-2")) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+        assert act.svc.proc.poll() is None
+    finally:
+        act.stop()
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)
