@@ -6,6 +6,7 @@ import json
 import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -182,3 +183,31 @@ def test_half_sent_requests_are_closed_and_good_ones_answered_meanwhile(tmp_path
         for s in slow:
             s.close()
         svc.stop()
+
+
+def test_secrets_are_never_logged(tmp_path):
+    """Neither the configured token nor a wrong one a sender tries ends up in the log or the audit trail."""
+    secret, wrong = "s3cret-Zq81-token", "guess-Kp27-token"
+    (tmp_path / "token").write_text(secret + "\n")
+    port = free_port()
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: [unix://{tmp_path}/none.sock]\n"
+                   f"actuator: {{auth: {{bearer_token_file: {tmp_path}/token}}, listen: '127.0.0.1:{port}', "
+                   f"state_file: {tmp_path}/state.json, audit_log: {tmp_path}/audit.jsonl}}\n")
+    svc = Service("buildkit_cache.actuator", ["--config", str(cfg), "--log-level", "debug"], tmp_path / "out.log")
+    try:
+        wait_for("the actuator", lambda: "listening on" in svc.output(), timeout=20)
+        for token in (secret, wrong):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", method="POST",
+                                         data=b'{"status":"resolved","alerts":[]}',
+                                         headers={"Authorization": f"Bearer {token}"})
+            try:
+                urllib.request.urlopen(req, timeout=5).close()
+            except urllib.error.HTTPError as e:
+                assert e.code == 401
+    finally:
+        svc.stop()
+    check = run("--config", str(cfg), "--check-config")
+    seen = svc.output() + (tmp_path / "audit.jsonl").read_text() + check.stdout + check.stderr
+    assert '"event":"rejected"' in seen and '"event":"received"' in seen
+    assert secret not in seen and wrong not in seen
