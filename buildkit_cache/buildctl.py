@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from . import parse
+from . import bulk, parse
 from .config import BuildkitdTLS
 from .docker_api import MAX_EXEC_OUTPUT, DockerHost
 from .errors import BuilderError, CommandFailed, Unavailable
@@ -153,6 +153,17 @@ class BuildctlClient:
                     raise
                 self._json_du = False
         return parse.parse_buildctl_du_verbose(self.run(["du", "-v"]))
+
+    def du_rows(self) -> list[bulk.Row]:
+        """What `du` says, as rows for bulk.summarize_rows: decoded without a CacheRecord each."""
+        if self._json_du:
+            try:
+                return bulk.buildctl_rows(self.run(["du", "--format", "json"]).encode())
+            except CommandFailed as exc:
+                if not _unknown_flag(exc):
+                    raise
+                self._json_du = False
+        return [(r.record_type or "regular", r.in_use, r.shared, r.size, r.last_used_at) for r in self.du()]
 
     def debug_workers(self) -> WorkerInfo:
         if self._json_workers:

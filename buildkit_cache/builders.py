@@ -6,9 +6,10 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from . import fs, parse
+from . import bulk, fs, parse
 from .buildctl import BuildctlClient, ContainerBuildctl, LocalBuildctl
 from .docker_api import DockerHost
 from .errors import BuilderError, Unavailable
@@ -25,6 +26,7 @@ from .models import (
     WorkerInfo,
 )
 from .prune_api import engine_prune_params, parse_engine_prune_result
+from .usage import UsageSummary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,11 @@ class Builder:
 
     def records(self) -> list[CacheRecord]:
         raise BuilderError(f"{self.ref}: records are not available for this builder")
+
+    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
+        """The summary the exporter exports: what `usage.summarize` makes of `records()`, by a
+        quicker path where the builder has one (bulk.py)."""
+        return summarize(self.records(), now, idle_windows, self.fresh_cache_mounts())
 
     def gc_policy(self) -> WorkerInfo:
         raise BuilderError(f"{self.ref}: this builder does not reveal its GC policy")
@@ -147,6 +154,10 @@ class EngineBuilder(Builder):
     def records(self) -> list[CacheRecord]:
         return parse.parse_engine_build_cache(self.host.system_df_build_cache())
 
+    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
+        rows = bulk.engine_rows(self.host.system_df_build_cache_bytes())
+        return bulk.summarize_rows(rows, now, idle_windows, self.fresh_cache_mounts())
+
     def filesystem(self) -> FilesystemUsage:
         """The filesystem holding the snapshots: what fills up as the cache grows."""
         path = self.host.visible_path(self.storage.path) or self.host.visible_path(self.storage.fallback)
@@ -192,6 +203,9 @@ class ContainerBuilder(Builder):
     def records(self) -> list[CacheRecord]:
         return self._client().du()
 
+    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
+        return bulk.summarize_rows(self._client().du_rows(), now, idle_windows, self.fresh_cache_mounts())
+
     def gc_policy(self) -> WorkerInfo:
         return self._client().debug_workers()
 
@@ -235,6 +249,9 @@ class RemoteBuilder(Builder):
 
     def records(self) -> list[CacheRecord]:
         return self.client.du()
+
+    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
+        return bulk.summarize_rows(self.client.du_rows(), now, idle_windows, self.fresh_cache_mounts())
 
     def gc_policy(self) -> WorkerInfo:
         return self.client.debug_workers()

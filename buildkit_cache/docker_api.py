@@ -157,19 +157,22 @@ class DockerHost:
     def system_df_build_cache(self) -> Mapping[str, Any]:
         """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it, and
         for the record list (`verbose`) where the API (1.52+) lists records only when asked."""
+        return self._call("GET /system/df", lambda c: _mapping(c._result(self._system_df(c), True)))  # type: ignore[attr-defined]
 
-        def call(c: docker.APIClient) -> Mapping[str, Any]:
-            params: dict[str, str] = {}
-            if api_at_least(c.api_version, "1.42"):
-                params["type"] = "build-cache"
-            if api_at_least(c.api_version, "1.52"):
-                params["verbose"] = "1"
-            # docker-py 7's df() takes no parameters: the SDK's own request helpers take them. They are
-            # private, hence the pin on docker's major version (pyproject.toml).
-            res = c._get(c._url("/system/df"), params=params or None)  # type: ignore[attr-defined]
-            return _mapping(c._result(res, True))  # type: ignore[attr-defined]
+    def system_df_build_cache_bytes(self) -> bytes:
+        """The same answer, undecoded: the exporter decodes only the fields it needs (bulk.py)."""
+        return self._call("GET /system/df", lambda c: bytes(c._result(self._system_df(c), binary=True)))  # type: ignore[attr-defined]
 
-        return self._call("GET /system/df", call)
+    @staticmethod
+    def _system_df(c: docker.APIClient) -> Any:
+        params: dict[str, str] = {}
+        if api_at_least(c.api_version, "1.42"):
+            params["type"] = "build-cache"
+        if api_at_least(c.api_version, "1.52"):
+            params["verbose"] = "1"
+        # docker-py 7's df() takes no parameters: the SDK's own request helpers take them. They are
+        # private, hence the pin on docker's major version (pyproject.toml).
+        return c._get(c._url("/system/df"), params=params or None)  # type: ignore[attr-defined]
 
     def build_prune(self, params: Mapping[str, str], timeout: float) -> Mapping[str, Any]:
         """`POST /build/prune` with query parameters already in the engine's API shape.

@@ -52,7 +52,7 @@ def _int(value: Any, what: str) -> int:
     return int(value)
 
 
-def _engine_record_list(df: Mapping[str, Any]) -> list[Any]:
+def engine_record_list(df: Mapping[str, Any]) -> list[Any]:
     """The record list of a `GET /system/df` reply, from whichever shape the engine sent.
 
     API 1.52 (Docker 29) adds `BuildCacheUsage`, whose `Items` lists the records when asked with
@@ -91,7 +91,7 @@ def parse_engine_build_cache(df: Mapping[str, Any]) -> list[CacheRecord]:
     if not isinstance(df, Mapping):
         raise ParseError("system/df: expected a JSON object")
     records = []
-    for i, item in enumerate(_engine_record_list(df)):
+    for i, item in enumerate(engine_record_list(df)):
         what = f"system/df BuildCache[{i}]"
         if not isinstance(item, Mapping) or "ID" not in item:
             raise ParseError(f"{what}: not a cache record")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from buildkit_cache.builders import FILESYSTEM, RECORDS, STATE_VOLUME, Builder
 from buildkit_cache.config import Config
 from buildkit_cache.units import format_duration
-from buildkit_cache.usage import UsageSummary, summarize
+from buildkit_cache.usage import UsageSummary
 
 from .base import Families, Measurement, gauge
 
@@ -22,8 +22,7 @@ class Records(Measurement[UsageSummary]):
 
     def run(self, builder: Builder, cfg: Config) -> UsageSummary:
         # Keep the summary, not the records: a busy builder has tens of thousands.
-        return summarize(builder.records(), datetime.now(UTC), cfg.exporter.idle_windows,
-                         builder.fresh_cache_mounts())
+        return builder.usage(datetime.now(UTC), cfg.exporter.idle_windows)
 
     def families(self) -> Families:
         return {

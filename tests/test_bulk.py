@@ -1,0 +1,82 @@
+"""The exporter's quick path (bulk.py) summarises exactly what the full parsers and usage.summarize
+do, on every recorded engine and buildctl answer and on generated records, and refuses what they refuse."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from buildkit_cache import bulk, parse
+from buildkit_cache.usage import summarize
+
+F = Path(__file__).resolve().parent / "fixtures"
+NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+WINDOWS = (60.0, 3600.0, 86400.0, 10 * 365 * 86400.0)
+ENGINE_FILES = sorted(F.glob("docker-engine-*/system-df*.json"))
+
+
+def outcome(fn):
+    try:
+        return fn()
+    except parse.ParseError as exc:
+        return ("error", type(exc))
+
+
+@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("fresh", [False, True])
+def test_engine_answers_summarise_the_same(path, fresh):
+    raw = path.read_bytes()
+    full = outcome(lambda: summarize(parse.parse_engine_build_cache(json.loads(raw)), NOW, WINDOWS, fresh))
+    quick = outcome(lambda: bulk.summarize_rows(bulk.engine_rows(raw), NOW, WINDOWS, fresh))
+    assert quick == full
+
+
+def test_the_recorded_engine_answers_include_records_and_a_refusal():
+    """So that the test above compares summaries with records in them, and an error too."""
+    results = [outcome(lambda p=p: bulk.engine_rows(p.read_bytes())) for p in ENGINE_FILES]
+    assert any(isinstance(r, list) and len(r) > 5 for r in results)
+    assert ("error", parse.ParseError) in results
+
+
+@pytest.mark.parametrize("name", ["du.json", "du.go-template-json.txt"])
+def test_buildctl_answers_summarise_the_same(name):
+    raw = (F / "buildctl" / name).read_bytes()
+    full = summarize(parse.parse_buildctl_du_json(raw.decode()), NOW, WINDOWS)
+    assert bulk.summarize_rows(bulk.buildctl_rows(raw), NOW, WINDOWS) == full
+    assert full.total_records > 5
+
+
+def test_generated_records_summarise_the_same():
+    rnd = random.Random(7)
+    types = ["regular", "source.local", "exec.cachemount", "frontend", "internal", "source.git.checkout", "", None,
+             "new.kind"]
+    items = []
+    for i in range(5000):
+        item = {"ID": f"r{i}", "Size": rnd.randrange(0, 10**9), "InUse": rnd.random() < 0.1,
+                "Shared": rnd.random() < 0.2, "Type": rnd.choice(types)}
+        when = rnd.choice([None, "0001-01-01T00:00:00Z",
+                           (NOW - timedelta(seconds=int(10 ** rnd.uniform(0, 8)))).isoformat().replace("+00:00", "Z")])
+        if when is not None:
+            item["LastUsedAt"] = when
+        items.append(item)
+    raw = json.dumps({"BuildCache": items}).encode()
+    full = summarize(parse.parse_engine_build_cache(json.loads(raw)), NOW, WINDOWS)
+    assert bulk.summarize_rows(bulk.engine_rows(raw), NOW, WINDOWS) == full
+    assert full.idle_bytes[60.0] > full.idle_bytes[86400.0] > 0
+
+
+@pytest.mark.parametrize("item, where", [
+    ({"ID": "a", "Size": "12"}, "Size"),
+    ({"ID": "a", "InUse": 1}, "InUse"),
+    ({"Size": 1}, "ID"),
+    ({"ID": "a", "LastUsedAt": "yesterday"}, "LastUsedAt"),
+])
+def test_wrong_types_are_errors_that_name_the_field(item, where):
+    with pytest.raises(parse.ParseError, match=rf"BuildCache\[1\].*{where}|{where}.*BuildCache\[1\]"):
+        bulk.engine_rows(json.dumps({"BuildCache": [{"ID": "ok"}, item]}).encode())
+    with pytest.raises(parse.ParseError):
+        parse.parse_engine_build_cache({"BuildCache": [{"ID": "ok"}, item]})
