@@ -6,19 +6,16 @@ Arguments are always argv lists built here from typed values; nothing passes thr
 from __future__ import annotations
 
 import math
-import os
-import selectors
 import shutil
-import subprocess
-import time
 from collections.abc import Sequence
 from typing import Protocol
 
 from . import bulk, parse
 from .config import BuildkitdTLS
-from .docker_api import MAX_EXEC_OUTPUT, DockerHost
-from .errors import BuilderError, CommandFailed, Unavailable
+from .docker_api import DockerHost
+from .errors import CommandFailed, Unavailable
 from .models import CacheRecord, PruneRequest, PruneResult, WorkerInfo
+from .procs import run_capped
 from .prune_api import buildctl_prune_args, prune_result_from_records
 
 
@@ -88,46 +85,6 @@ class LocalBuildctl:
                 raise Unavailable(str(err)) from err
             raise err
         return stdout
-
-
-def run_capped(argv: list[str], timeout: float, what: str, cap: int = MAX_EXEC_OUTPUT) -> tuple[int, str, str]:
-    """Run `argv` (no shell) to its end, its deadline or `cap` bytes of output, whichever comes
-    first: (exit code, stdout, stderr). A command that never ends or never stops printing is
-    killed, never read into memory whole."""
-    # No shell: the binary is the config's exporter.buildctl, the arguments are fixed flags and
-    # addresses from the config; nothing comes from an alert.
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
-                            stderr=subprocess.PIPE)
-    out, err = bytearray(), bytearray()
-    deadline = time.monotonic() + timeout
-    try:
-        with selectors.DefaultSelector() as sel:
-            for pipe, buf in zip((proc.stdout, proc.stderr), (out, err), strict=True):
-                if pipe is not None:
-                    sel.register(pipe, selectors.EVENT_READ, buf)
-            while sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Unavailable(f"{what} did not answer within {timeout:g}s")
-                for key, _ in sel.select(min(left, 5.0)):
-                    chunk = os.read(key.fd, 1 << 16)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    key.data.extend(chunk)
-                    if len(out) + len(err) > cap:
-                        raise BuilderError(f"{what} printed more than {cap // (1024 * 1024)} MiB; not read further")
-        code = proc.wait(max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise Unavailable(f"{what} did not answer within {timeout:g}s") from None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-    return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
 def _unknown_flag(exc: CommandFailed) -> bool:

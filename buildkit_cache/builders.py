@@ -78,7 +78,7 @@ class Builder:
     def gc_policy(self) -> WorkerInfo:
         raise BuilderError(f"{self.ref}: this builder does not reveal its GC policy")
 
-    def state_usage(self) -> TreeUsage:
+    def state_usage(self, timeout: float = 300.0) -> TreeUsage:
         raise BuilderError(f"{self.ref}: this builder has no state volume")
 
     def filesystem(self) -> FilesystemUsage:
@@ -212,10 +212,10 @@ class ContainerBuilder(Builder):
     def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
         return self._client().prune(req, timeout)
 
-    def state_usage(self) -> TreeUsage:
+    def state_usage(self, timeout: float = 300.0) -> TreeUsage:
         local = self.host.visible_path(self.mountpoint)
         if local is not None:
-            return fs.walk_tree(local)
+            return fs.tree_usage(local, timeout)
         if not self.ref.container:
             raise Unavailable(f"{self.ref}: volume {self.ref.volume} is not visible and has no container")
         out = self.host.exec_checked(self.ref.container, ["sh", "-c", _STATE_SCRIPT, "sh", self.state_dir])

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from buildkit_cache.buildctl import LocalBuildctl, run_capped
+from buildkit_cache.buildctl import LocalBuildctl
 from buildkit_cache.errors import BuilderError, CommandFailed, Unavailable
+from buildkit_cache.procs import run_capped
 
 
 def fake(tmp_path, script: str) -> str:

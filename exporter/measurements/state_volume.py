@@ -14,7 +14,7 @@ class StateVolume(Measurement[TreeUsage]):
     interval = 300.0
 
     def run(self, builder: Builder, cfg: Config) -> TreeUsage:
-        return builder.state_usage()
+        return builder.state_usage(cfg.exporter.timeout)
 
     def families(self) -> Families:
         return {

@@ -53,7 +53,7 @@ class RecordedBuilder(Builder):
         self._check("gc_policy")
         return parse.parse_debug_workers_json((F / "debug-workers-gc.json").read_text())
 
-    def state_usage(self):
+    def state_usage(self, timeout=300.0):
         self._check("state_volume")
         return TreeUsage(bytes=parse.parse_du_sk((F / "du-sk.txt").read_text()), files=1234)
 

@@ -1,0 +1,63 @@
+"""Local processes run to a deadline and an output cap: buildctl for remote builders, GNU du for
+state volumes. Never a shell: every argv is a list of fixed flags and paths from the config or the
+Docker host, nothing from an alert."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import time
+
+from .errors import BuilderError, Unavailable
+
+MAX_OUTPUT = 64 * 1024 * 1024
+
+
+def run_capped(argv: list[str], timeout: float, what: str, cap: int = MAX_OUTPUT) -> tuple[int, str, str]:
+    """Run `argv` to its end, its deadline or `cap` bytes of output, whichever comes first:
+    (exit code, stdout, stderr). A command that never ends or never stops printing is killed,
+    never read into memory whole."""
+    return run_capped_all([argv], timeout, what, cap)[0]
+
+
+def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
+                   cap: int = MAX_OUTPUT) -> list[tuple[int, str, str]]:
+    """`run_capped` for several commands at once, side by side (one deadline for all of them)."""
+    env = {**os.environ, "LC_ALL": "C"}
+    procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
+                              stderr=subprocess.PIPE, env=env) for argv in argvs]
+    bufs = [(bytearray(), bytearray()) for _ in procs]
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as sel:
+            for proc, (out, err) in zip(procs, bufs, strict=True):
+                for pipe, buf in ((proc.stdout, out), (proc.stderr, err)):
+                    if pipe is not None:
+                        sel.register(pipe, selectors.EVENT_READ, (buf, out, err))
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(f"{what} did not answer within {timeout:g}s")
+                for key, _ in sel.select(min(left, 5.0)):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    buf, out, err = key.data
+                    buf.extend(chunk)
+                    if len(out) + len(err) > cap:
+                        raise BuilderError(f"{what} printed more than {cap // (1024 * 1024)} MiB; not read further")
+        codes = [proc.wait(max(0.1, deadline - time.monotonic())) for proc in procs]
+    except subprocess.TimeoutExpired:
+        raise Unavailable(f"{what} did not answer within {timeout:g}s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+    return [(code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"))
+            for code, (out, err) in zip(codes, bufs, strict=True)]

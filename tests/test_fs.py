@@ -1,0 +1,65 @@
+"""State volume usage: GNU du's figures, hard links once, one filesystem only, and the same figures
+from the Python walk used where there is no GNU du."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from buildkit_cache import fs
+from buildkit_cache.errors import Unavailable
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "state"
+    for d in range(20):
+        sub = root / f"snapshots/{d}/fs/usr/lib"
+        sub.mkdir(parents=True)
+        for f in range(30):
+            (sub / f"f{f}").write_bytes(b"x" * (f * 700))
+    (root / "snapshots/0/fs/usr/lib/f1").rename(root / "moved")
+    for i in range(5):  # one file, six names: counted once
+        os.link(root / "moved", root / f"snapshots/{i}/hard")
+    os.symlink("/etc", root / "link-to-etc")
+    other = root / "mnt"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "bkce-test", str(other)], check=True)
+    (other / "big").write_bytes(b"y" * 20_000_000)
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+
+
+def du(*args: str) -> int:
+    return int(subprocess.run(["du", "-s", "-x", *args], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def test_figures_are_du_s_and_du_s_inodes(tree):
+    usage = fs.tree_usage(str(tree), 30)
+    assert usage.bytes == du("-B1", str(tree))
+    assert usage.files == du("--inodes", str(tree))
+    # Hard links once, the tmpfs mounted inside and the symlink's target left out.
+    assert usage.bytes < 20_000_000
+    names = sum(len(files) + len(dirs) for _, dirs, files in os.walk(tree)) + 1
+    assert usage.files == names - 5 - 2  # five extra names of one file; the tmpfs (its root and file)
+
+
+def test_the_python_walk_agrees_where_there_is_no_gnu_du(tree, monkeypatch):
+    expected = fs.tree_usage(str(tree), 30)
+    monkeypatch.setattr(fs, "gnu_du", lambda: None)
+    assert fs.tree_usage(str(tree), 30) == expected
+    assert fs.walk_tree(str(tree)) == expected
+
+
+def test_a_du_past_its_deadline_is_killed(tmp_path, monkeypatch):
+    slow = tmp_path / "du"
+    slow.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow.chmod(0o755)
+    monkeypatch.setattr(fs, "gnu_du", lambda: str(slow))
+    with pytest.raises(Unavailable, match="within 1s"):
+        fs.tree_usage(str(tmp_path), 1)
+    assert subprocess.run(["pgrep", "-f", str(slow)], capture_output=True).returncode == 1
