@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import generate_latest
-from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from buildkit_cache import __version__
 from buildkit_cache.checks import missing_buildctl
@@ -20,7 +20,7 @@ from buildkit_cache.config import Config, ConfigError
 from buildkit_cache.inventory import Inventory
 
 from .measurements import intervals
-from .metrics import registry_for
+from .metrics import Exposition, registry_for
 from .scheduler import Scheduler, collect_once
 from .store import Store
 
@@ -55,7 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> web.Application:
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(registry_for(store, cfg)))
+    exposition = Exposition(store, cfg)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = exposition.render()
+        headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = exposition.gzipped(body)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    app.router.add_get("/metrics", metrics)
 
     async def healthy(_request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

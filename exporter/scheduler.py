@@ -10,12 +10,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from buildkit_cache.builders import Builder
+from buildkit_cache.builders import RECORDS, Builder
 from buildkit_cache.checks import unmatched_builder_settings
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError
 from buildkit_cache.inventory import Inventory
+from buildkit_cache.usage import UsageSummary
 
+from . import child
 from .measurements import BY_NAME, DISCOVERY, intervals
 from .store import HostState, Result, Store
 
@@ -26,11 +28,12 @@ JobKey = tuple[str, ...]  # ("discover", host) or ("measure", host, builder, mea
 
 class Scheduler:
     def __init__(self, cfg: Config, inventory: Inventory, store: Store, *,
-                 clock: Callable[[], float] = time.time, max_workers: int = 8):
+                 clock: Callable[[], float] = time.time, max_workers: int = 8, children: bool = True):
         self.cfg = cfg
         self.intervals = intervals(cfg)
         self.inventory = inventory
         self.store = store
+        self.children = children  # large builders' records in a child process (exporter/child.py)
         self.clock = clock
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers,
                                                               thread_name_prefix="collect")
@@ -102,6 +105,8 @@ class Scheduler:
         m = BY_NAME[measurement]
 
         def work() -> Any:
+            if self.children and self._large(builder, measurement):
+                return child.run(measurement, builder, self.cfg, self.cfg.exporter.timeout)
             return m.run(builder, self.cfg)
 
         started = time.monotonic()
@@ -133,6 +138,14 @@ class Scheduler:
                 key = ("measure", *builder.ref.key, other)
                 if key in self.next_due:
                     self.next_due[key] = 0.0
+
+    def _large(self, builder: Builder, measurement: str) -> bool:
+        if measurement != RECORDS:
+            return False
+        state = self.store.builders.get(builder.ref.key)
+        last = state.results.get(RECORDS) if state else None
+        value = last.value if last is not None else None
+        return isinstance(value, UsageSummary) and value.total_records >= child.CHILD_RECORDS
 
     # -- forever --------------------------------------------------------------------------------
 
@@ -184,7 +197,7 @@ class Scheduler:
 async def collect_once(cfg: Config, inventory: Inventory) -> Store:
     """Discover and measure everything once; the store holds what a scrape would show."""
     store = Store()
-    scheduler = Scheduler(cfg, inventory, store)
+    scheduler = Scheduler(cfg, inventory, store, children=False)  # no scrape to keep quick
     try:
         await scheduler.collect_once()
     finally:

@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from buildkit_cache import parse
 from buildkit_cache.config import parse_config
-from buildkit_cache.exporter.metrics import registry_for
+from buildkit_cache.exporter.metrics import Exposition, registry_for
 from buildkit_cache.exporter.scheduler import Scheduler, collect_once
-from buildkit_cache.exporter.store import Store
+from buildkit_cache.exporter.store import HostState, Result, Store
 from tests.support.recorded import RecordedBuilder, StaticInventory
 
 F = Path(__file__).parent / "fixtures" / "buildctl"
@@ -154,3 +154,22 @@ async def test_when_the_cache_shrinks_its_volume_and_filesystem_are_measured_aga
     finally:
         task.cancel()
         s.close()
+
+
+async def test_the_served_text_is_the_full_render_and_only_changed_builders_are_rendered_again():
+    cfg = parse_config({"docker_hosts": [H1], "builders": {"kamal": {"budget": "30MB"}}})
+    builders = [RecordedBuilder(n) for n in ("kamal", "ci", "ci1", "zeta")] + [RecordedBuilder("x", broken={"records"})]
+    store = await collect_once(cfg, StaticInventory(builders))
+    store.set_host("h1", HostState(True, version="28.5.2", api_version="1.51"))
+    expo = Exposition(store, cfg)
+    first = expo.render()
+    assert first == generate_latest(registry_for(store, cfg))
+    assert expo.render() is first  # nothing changed: the same bytes
+    before = dict(expo._fragments)
+    store.set_result(("h1", "ci"), "state_volume", Result(False, 0.5, error="gone"))
+    second = expo.render()
+    assert second == generate_latest(registry_for(store, cfg)) != first
+    again = [k for k in before if expo._fragments[k][1] is not before[k][1]]
+    assert again == [("h1", "ci")]
+    fams = {f.name: f for f in text_string_to_metric_families(second.decode())}
+    assert {"buildkit_cache_state_volume_size_bytes", "buildkit_cache_docker_host_info"} <= set(fams)
