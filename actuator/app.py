@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +16,7 @@ from .payload import PayloadError, parse_notification
 from .service import ActuatorService
 
 SERVICE: web.AppKey[ActuatorService] = web.AppKey("service", ActuatorService)
+WARMING: web.AppKey[asyncio.Task[None]] = web.AppKey("warming", asyncio.Task)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -87,7 +89,12 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
             return web.Response(status=503, text=f"cannot prune: {problem}\n")
         return web.Response(text="ok\n")
 
+    async def on_startup(app: web.Application) -> None:
+        # In the background: serving starts at once; a lookup that arrives first waits for it.
+        app[WARMING] = asyncio.get_running_loop().create_task(app[SERVICE].directory.warm(), name="warm lookups")
+
     async def on_cleanup(app: web.Application) -> None:
+        app[WARMING].cancel()
         await app[SERVICE].close()
 
     app = web.Application(client_max_size=max_body, middlewares=[count_outcomes, authenticate])
@@ -95,5 +102,6 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
     app.router.add_post("/alerts", alerts)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app

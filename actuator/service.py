@@ -35,14 +35,21 @@ class Directory:
         self.inventory = inventory
         self.clock = clock
         self.cache: dict[str, tuple[float, dict[tuple[str, str], Builder]]] = {}
-        self.lock = asyncio.Lock()
+        # One lock per Docker host: a slow or hung host delays lookups on that host only.
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def warm(self) -> None:
+        """Ask every Docker host for its builders once, at start, so the first notification is
+        answered from the cache instead of waiting on discovery. A host that fails is asked again
+        when an alert names it."""
+        await asyncio.gather(*(self.lookup(host, "") for host in self.inventory.hosts))
 
     async def lookup(self, host: str, builder: str) -> dict[tuple[str, str], Builder] | None:
         """The builders labelled with `host`; None if that Docker host cannot be asked right now."""
         remotes: dict[tuple[str, str], Builder] = {r.ref.key: r for r in self.inventory.remotes if r.ref.host == host}
         if host not in self.inventory.hosts:
             return remotes
-        async with self.lock:
+        async with self.locks.setdefault(host, asyncio.Lock()):
             cached = self.cache.get(host)
             if cached and ((host, builder) in cached[1] or self.clock() - cached[0] < FRESH):
                 return {**remotes, **cached[1]}

@@ -15,7 +15,8 @@ from buildkit_cache.actuator.audit import AuditLog, Recorder
 from buildkit_cache.actuator.auth import Credentials
 from buildkit_cache.actuator.metrics import ActuatorMetrics
 from buildkit_cache.actuator.payload import PayloadError, parse_notification
-from buildkit_cache.actuator.service import ActuatorService
+from buildkit_cache.actuator.service import ActuatorService, Directory
+from buildkit_cache.builders import Discovered
 from buildkit_cache.config import parse_config
 from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, PruneRequest
 from tests.support.recorded import RecordedBuilder, StaticInventory
@@ -471,3 +472,32 @@ async def test_a_timeout_after_progress_keeps_what_was_freed_and_the_cooldown(ha
                     action="prune-to-budget") == failed[0]["reclaimed_bytes"]
     r = await h.post(notification(alert()))
     assert (await r.json())["alerts"][0]["decision"] == D.COOLDOWN
+
+
+class _SlowHosts:
+    """Two Docker hosts: `slow` answers discovery after 1.5 s, `quick` at once; discoveries counted."""
+
+    def __init__(self):
+        self.hosts = {"slow": None, "quick": None}
+        self.remotes = []
+        self.calls = []
+
+    def discover(self, host):
+        self.calls.append(host)
+        if host == "slow":
+            time.sleep(1.5)
+        return Discovered(builders=[RecordedBuilder("kamal", host=host)])
+
+
+async def test_lookups_are_warmed_at_start_and_a_slow_host_delays_only_its_own():
+    inv = _SlowHosts()
+    directory = Directory(inv)
+    warming = asyncio.create_task(directory.warm())
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    quick = await directory.lookup("quick", "kamal")
+    assert ("quick", "kamal") in quick and time.monotonic() - started < 0.5  # not behind `slow`
+    await warming
+    assert sorted(inv.calls) == ["quick", "slow"]
+    assert ("slow", "kamal") in await directory.lookup("slow", "kamal")
+    assert sorted(inv.calls) == ["quick", "slow"]  # answered from what the warm-up found
