@@ -111,7 +111,7 @@ class BuildctlClient:
                 self._json_du = False
         return parse.parse_buildctl_du_verbose(self.run(["du", "-v"]))
 
-    def du_rows(self) -> list[bulk.Row]:
+    def du_rows(self) -> Sequence[bulk.Row]:
         """What `du` says, as rows for bulk.summarize_rows: decoded without a CacheRecord each."""
         if self._json_du:
             try:
@@ -120,7 +120,7 @@ class BuildctlClient:
                 if not _unknown_flag(exc):
                     raise
                 self._json_du = False
-        return [(r.record_type or "regular", r.in_use, r.shared, r.size, r.last_used_at) for r in self.du()]
+        return [bulk.BuildctlRecord(r.id, r.record_type, r.in_use, r.shared, r.size, r.last_used_at) for r in self.du()]
 
     def debug_workers(self) -> WorkerInfo:
         if self._json_workers:
