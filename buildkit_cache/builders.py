@@ -11,7 +11,7 @@ from typing import Any
 
 from . import bulk, fs, parse
 from .buildctl import BuildctlClient, ContainerBuildctl, LocalBuildctl
-from .docker_api import DockerHost
+from .docker_api import DockerHost, api_at_least
 from .errors import BuilderError, Unavailable
 from .models import (
     DRIVER_CONTAINER,
@@ -87,6 +87,11 @@ class Builder:
     def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
         """Run the prune on the builder itself; blocks until BuildKit answers or `timeout`."""
         raise BuilderError(f"{self.ref}: this builder cannot be pruned")
+
+    def heavy_io(self, measurement: str) -> bool:
+        """Whether this measurement walks the Docker host's disk: such measurements of one host take
+        turns, so two walks never compete for its disk and CPU, nor a walk with the engine's."""
+        return False
 
     def fresh_cache_mounts(self) -> bool:
         """Whether the builder marks its cache mounts used whenever it measures them, so that a
@@ -176,6 +181,16 @@ class EngineBuilder(Builder):
         # Measured on 20.10, 26.1 and 28.5 (both image stores): every /system/df marks them used.
         return True
 
+    def heavy_io(self, measurement: str) -> bool:
+        # Below API 1.42 (Docker 23) /system/df has no `type`: the engine also sizes every volume,
+        # a walk of them all, at each records measurement.
+        if measurement != RECORDS:
+            return False
+        try:
+            return not api_at_least(self.host.api_version, "1.42")
+        except BuilderError:
+            return False
+
 
 class ContainerBuilder(Builder):
     """A buildx docker-container builder: container `buildx_buildkit_<node>` and its state volume.
@@ -211,6 +226,9 @@ class ContainerBuilder(Builder):
 
     def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
         return self._client().prune(req, timeout)
+
+    def heavy_io(self, measurement: str) -> bool:
+        return measurement == STATE_VOLUME
 
     def state_usage(self, timeout: float = 300.0) -> TreeUsage:
         local = self.host.visible_path(self.mountpoint)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from buildkit_cache.builders import RECORDS, Builder
 from buildkit_cache.checks import unmatched_builder_settings
 from buildkit_cache.config import Config
-from buildkit_cache.errors import BuilderError
+from buildkit_cache.errors import BuilderError, Unavailable
 from buildkit_cache.inventory import Inventory
 from buildkit_cache.usage import UsageSummary
 
@@ -34,6 +35,7 @@ class Scheduler:
         self.inventory = inventory
         self.store = store
         self.children = children  # large builders' records in a child process (exporter/child.py)
+        self._heavy_locks: dict[str, threading.Lock] = {}
         self.clock = clock
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_workers,
                                                               thread_name_prefix="collect")
@@ -104,14 +106,26 @@ class Scheduler:
     async def measure(self, builder: Builder, measurement: str) -> None:
         m = BY_NAME[measurement]
 
-        def work() -> Any:
-            if self.children and self._large(builder, measurement):
-                return child.run(measurement, builder, self.cfg, self.cfg.exporter.timeout)
-            return m.run(builder, self.cfg)
+        def work() -> tuple[Any, float]:
+            # Walks of one host's disk take turns (see Builder.heavy_io); the time waiting for the
+            # turn is not the measurement's duration.
+            lock = self._heavy_locks.setdefault(builder.ref.host, threading.Lock()) \
+                if builder.heavy_io(measurement) else None
+            if lock is not None and not lock.acquire(timeout=self.cfg.exporter.timeout):
+                raise Unavailable(f"{builder.ref}: another walk of host {builder.ref.host}'s disk took the whole "
+                                  f"{self.cfg.exporter.timeout:g}s")
+            try:
+                began = time.monotonic()
+                if self.children and self._large(builder, measurement):
+                    return child.run(measurement, builder, self.cfg, self.cfg.exporter.timeout), time.monotonic() - began
+                return m.run(builder, self.cfg), time.monotonic() - began
+            finally:
+                if lock is not None:
+                    lock.release()
 
         started = time.monotonic()
         try:
-            value = await self._in_thread(work)
+            value, took = await self._in_thread(work)
         except (TimeoutError, BuilderError, OSError) as exc:
             message = str(exc) or f"no answer within {self.cfg.exporter.timeout:g}s"
             previous = self.store.builders.get(builder.ref.key)
@@ -129,7 +143,7 @@ class Scheduler:
         state = self.store.builders.get(builder.ref.key)
         before = state.results.get(measurement) if state else None
         self.store.set_result(builder.ref.key, measurement,
-                              Result(True, time.monotonic() - started, value=value,
+                              Result(True, took, value=value,
                                      last_success_timestamp=self.clock()))
         if before is not None and before.success and m.shrank(before.value, value):
             # The cache shrank (a prune, BuildKit's GC): what depends on its size is stale now,

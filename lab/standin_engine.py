@@ -2,14 +2,17 @@
 (1.52: Docker 29) and caches of any size. It serves what a test gives it and records each request.
 
     python -m lab.standin_engine --socket PATH --df FILE [--api 1.52] [--requests FILE]
+                                 [--root DIR] [--prune-seconds S]
 
-Only the calls the exporter makes are answered: /_ping, /version, /info, /containers/json,
-/volumes and /system/df (the body of FILE, as is). Everything else is 404.
+Only the calls the exporter and the actuator's engine path make are answered: /_ping, /version,
+/info (DockerRootDir: --root), /containers/json, /volumes, /system/df (the body of FILE, as is)
+and POST /build/prune (nothing deleted, after --prune-seconds). Everything else is 404.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -17,10 +20,11 @@ from pathlib import Path
 from aiohttp import web
 
 
-def make_app(df_body: bytes, api: str, requests_log: Path | None) -> web.Application:
+def make_app(df_body: bytes, api: str, requests_log: Path | None, root: str = "/nonexistent/standin",
+             prune_seconds: float = 0.0) -> web.Application:
     version = {"Version": "29.0.0-standin", "ApiVersion": api, "MinAPIVersion": "1.24", "Os": "linux",
                "Arch": "amd64", "KernelVersion": "standin", "Components": []}
-    info = {"ServerVersion": version["Version"], "DockerRootDir": "/nonexistent/standin", "Driver": "overlay2",
+    info = {"ServerVersion": version["Version"], "DockerRootDir": root, "Driver": "overlay2",
             "DriverStatus": [], "OSType": "linux"}
 
     @web.middleware
@@ -50,6 +54,9 @@ def make_app(df_body: bytes, api: str, requests_log: Path | None) -> web.Applica
             return web.json_response({"Volumes": [], "Warnings": None})
         if path == "/system/df":
             return web.Response(body=df_body, content_type="application/json")
+        if path == "/build/prune" and request.method == "POST":
+            await asyncio.sleep(prune_seconds)
+            return web.json_response({"CachesDeleted": [], "SpaceReclaimed": 0})
         return web.json_response({"message": f"page not found: {request.path}"}, status=404)
 
     app = web.Application(middlewares=[log_requests])
@@ -63,10 +70,13 @@ def main() -> None:
     ap.add_argument("--df", required=True, help="file whose content GET /system/df returns")
     ap.add_argument("--api", default="1.52")
     ap.add_argument("--requests", help="append each request, as a JSON line, to this file")
+    ap.add_argument("--root", default="/nonexistent/standin", help="the DockerRootDir /info reports")
+    ap.add_argument("--prune-seconds", type=float, default=0.0, help="how long POST /build/prune takes")
     args = ap.parse_args()
     if os.path.exists(args.socket):
         os.unlink(args.socket)
-    app = make_app(Path(args.df).read_bytes(), args.api, Path(args.requests) if args.requests else None)
+    app = make_app(Path(args.df).read_bytes(), args.api, Path(args.requests) if args.requests else None,
+                   args.root, args.prune_seconds)
     web.run_app(app, path=args.socket, print=None)
 
 

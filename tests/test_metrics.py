@@ -2,6 +2,7 @@
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -173,3 +174,30 @@ async def test_the_served_text_is_the_full_render_and_only_changed_builders_are_
     assert again == [("h1", "ci")]
     fams = {f.name: f for f in text_string_to_metric_families(second.decode())}
     assert {"buildkit_cache_state_volume_size_bytes", "buildkit_cache_docker_host_info"} <= set(fams)
+
+
+class _Walker(RecordedBuilder):
+    """A builder whose state volume walk takes 0.5 s and notes when it ran."""
+
+    measurements = ("state_volume",)
+    spans: dict = {}
+
+    def heavy_io(self, measurement):
+        return measurement == "state_volume"
+
+    def state_usage(self, timeout=300.0):
+        began = time.monotonic()
+        time.sleep(0.5)
+        self.spans[self.ref.name] = (began, time.monotonic())
+        return super().state_usage(timeout)
+
+
+async def test_walks_of_one_host_take_turns_and_their_duration_is_the_walk_alone():
+    cfg = parse_config({"docker_hosts": [H1]})
+    _Walker.spans = {}
+    store = await collect_once(cfg, StaticInventory([_Walker("a"), _Walker("b"), _Walker("c", host="h2")]))
+    a, b, c = (_Walker.spans[n] for n in "abc")
+    assert a[1] <= b[0] or b[1] <= a[0], (a, b)  # h1's two walks took turns
+    assert c[0] < max(a[0], b[0]) < c[1] or c[0] < min(a[1], b[1]), (a, b, c)  # h2's ran beside them
+    durations = [r.results["state_volume"].duration_seconds for r in store.builders.values()]
+    assert all(0.45 < d < 0.8 for d in durations), durations  # never the wait for the turn

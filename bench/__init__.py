@@ -1,0 +1,1 @@
+"""Benchmarks: `bench/run` runs them all and prints the table docs/benchmarks.md shows."""

@@ -1,0 +1,66 @@
+"""Run every benchmark and print the table (docs/benchmarks.md). As root: the many-builders
+benchmark starts the tests' private dockerd. Usage: bench/run [--small] [--only AREA ...]"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import actuator_bench, builders_bench, exporter_bench, walk_bench
+from .common import Row
+
+FULL = {"sizes": [1_000, 10_000, 100_000], "scrapes": 600, "memory_records": 100_000, "cycles": 1_000,
+        "cycle_records": 10_000, "trees": [100_000, 1_000_000], "builders": 200, "leak_files": 1_000_000,
+        "builder_scrapes": 500, "posts": 2_000}
+SMALL = {"sizes": [100, 1_000], "scrapes": 50, "memory_records": 1_000, "cycles": 20, "cycle_records": 100,
+         "trees": [2_000], "builders": 3, "leak_files": 2_000, "builder_scrapes": 20, "posts": 100}
+AREAS = ("scrape", "cycle", "memory", "walk", "builders", "actuator")
+
+
+def table(rows: list[Row]) -> str:
+    out = ["| area | measured | figure | beside it, same run | note |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {r.area} | {r.what} | {r.figure} | {r.anchor} | {r.note} |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="tiny sizes: a smoke test of the benchmarks (CI)")
+    ap.add_argument("--only", nargs="+", choices=AREAS, default=list(AREAS))
+    args = ap.parse_args()
+    size = SMALL if args.small else FULL
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bkce-bench-") as tmp:
+        work = Path(tmp)
+        steps = {
+            "scrape": lambda: exporter_bench.scrape_latency(work, size["sizes"], size["scrapes"]),
+            "cycle": lambda: exporter_bench.collection_cycle(work, size["sizes"]),
+            "memory": lambda: exporter_bench.memory(work, size["memory_records"], size["cycles"], size["cycle_records"]),
+            "walk": lambda: walk_bench.walk(work, size["trees"]),
+            "builders": lambda: builders_bench.many_builders(work, size["builders"], size["leak_files"],
+                                                             size["builder_scrapes"]),
+            "actuator": lambda: actuator_bench.actuator_load(work, size["posts"]),
+        }
+        for area in args.only:
+            t0 = time.monotonic()
+            got = steps[area]()
+            rows += got
+            for r in got:
+                print(f"{r.area}: {r.what}: {r.figure} [{r.anchor}] {r.note}", file=sys.stderr, flush=True)
+            print(f"-- {area} took {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    print(f"{datetime.date.today()}, Python {platform.python_version()}, {os.cpu_count()} cores, "
+          f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+          f"{'--small' if args.small else 'full sizes'}, {time.monotonic() - started:.0f} s\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

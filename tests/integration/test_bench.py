@@ -1,0 +1,31 @@
+"""The benchmarks run, at tiny sizes (`bench/run --small`), and their checks of correctness hold:
+the state volume figures equal du's, the stand-in's records are all counted, one prune for 100
+copies of a notification, every distinct one audited. Timings are the benchmarks' business
+(docs/benchmarks.md), never asserted here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lab.procs import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_every_benchmark_runs_at_tiny_sizes(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "bench", "--small"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    areas = {line.split("|")[1].strip() for line in table}
+    assert areas == {"scrape", "cycle", "memory", "walk", "builders", "actuator"}, done.stdout
+    walk = [line for line in table if line.startswith("| walk |")]
+    assert len(walk) == 2 and "figures equal to du's: yes" in walk[0] and "0.00% apart" in walk[1], walk
+    actuator = [line for line in table if line.startswith("| actuator |")]
+    assert "; 1 prune |" in actuator[0] and "answers {200: 100}" in actuator[0], actuator
+    assert "audit 'received' 200 of 200 sent; notifications_total 200, alerts_total 200" in actuator[1], actuator
+    assert list(tmp_path.iterdir()) == []  # the benchmarks' temporary folder is gone
