@@ -19,9 +19,10 @@ from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, p
 from buildkit_cache.config import Config, ConfigError
 from buildkit_cache.inventory import Inventory
 
+from .collector import Collector
 from .measurements import intervals
 from .metrics import Exposition, registry_for
-from .scheduler import Scheduler, collect_once
+from .scheduler import collect_once
 from .store import Store
 
 log = logging.getLogger("exporter")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> web.Application:
+def make_app(store: Store, cfg: Config, collector: Collector | None = None) -> web.Application:
     app = web.Application()
     exposition = Exposition(store, cfg)
 
@@ -75,16 +76,16 @@ def make_app(store: Store, cfg: Config, scheduler: Scheduler | None = None) -> w
 
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/", landing)
-    if scheduler is not None:
+    if collector is not None:
         async def background(app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(scheduler.run_forever())
+            task = asyncio.create_task(collector.run())
             yield
             task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
                 pass
-            scheduler.close()
+            collector.close()
 
         app.cleanup_ctx.append(background)
     return app
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem := missing_buildctl(cfg):
         logging.getLogger(PROG).warning("%s", problem)
     store = Store()
-    app = make_app(store, cfg, Scheduler(cfg, Inventory(cfg), store))
+    app = make_app(store, cfg, Collector(cfg, store, args.log_level))
     watching = ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts)
     watching += "".join(f", remote {n} ({b.address})" for _h, n, b in cfg.remote_builders())
     return serve(app, PROG, listen, f"serving /metrics on http://{listen[0]}:{listen[1]}, watching {watching}")

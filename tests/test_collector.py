@@ -1,0 +1,67 @@
+"""The exporter collects in a process of its own (exporter/collector.py): the server's replica of the
+store follows it, a collector that dies is replaced without the server stopping, and a server
+that is killed takes its collector with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from lab.procs import ROOT, Process, Service, free_port, http_get, value, wait_for
+
+DF = ROOT / "tests/fixtures/docker-engine-28.5/system-df-build-cache.json"
+
+
+def collectors(pid: int) -> list[int]:
+    """The exporter's collector process(es): children started by multiprocessing's spawn."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline:
+                found.append(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_dead_collector_is_replaced_and_a_killed_server_takes_it_along(tmp_path):
+    sock = tmp_path / "engine.sock"
+    engine = Process([sys.executable, "-m", "lab.standin_engine", "--socket", str(sock), "--df", str(DF),
+                      "--api", "1.47", "--root", str(tmp_path)], tmp_path / "engine.log")
+    wait_for("the stand-in engine", sock.exists)
+    port = free_port()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"docker_hosts: [{{url: 'unix://{sock}', name: standin}}]\n"
+                   f"exporter: {{listen: '127.0.0.1:{port}', intervals: {{records: 1s, discovery: 1s}}}}\n")
+    svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
+    url = f"http://127.0.0.1:{port}/metrics"
+    L = {"host": "standin", "builder": "default", "measurement": "records"}
+
+    def last_success() -> float:
+        return value(http_get(url)[1], "buildkit_cache_measurement_last_success_timestamp_seconds", **L) or 0.0
+
+    try:
+        wait_for("records", lambda: http_get(url)[0] == 200 and last_success() > 0, timeout=60)
+        (first,) = collectors(svc.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        killed_at = time.time()
+        wait_for("the server to say so", lambda: "the collector process ended" in svc.output(), timeout=30)
+        assert http_get(url)[0] == 200  # serving all along, the last results kept
+        wait_for("fresh records from a new collector", lambda: last_success() > killed_at, timeout=60)
+        (second,) = collectors(svc.proc.pid)
+        assert second != first and svc.proc.poll() is None
+        svc.proc.kill()  # no clean-up of its own: the collector notices at its next write
+        svc.proc.wait()
+        wait_for("the collector to end with its server", lambda: not alive(second), timeout=30)
+    finally:
+        svc.stop()
+        engine.stop()
