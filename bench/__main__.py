@@ -17,9 +17,9 @@ from .common import Row
 
 FULL = {"sizes": [1_000, 10_000, 100_000], "scrapes": 600, "memory_records": 100_000, "cycles": 1_000,
         "cycle_records": 10_000, "trees": [100_000, 1_000_000], "builders": 200, "leak_files": 1_000_000,
-        "builder_scrapes": 500, "posts": 2_000}
+        "builder_scrapes": 500, "builder_seconds": 35.0, "posts": 2_000}
 SMALL = {"sizes": [100, 1_000], "scrapes": 50, "memory_records": 1_000, "cycles": 20, "cycle_records": 100,
-         "trees": [2_000], "builders": 3, "leak_files": 2_000, "builder_scrapes": 20, "posts": 100}
+         "trees": [2_000], "builders": 3, "leak_files": 2_000, "builder_scrapes": 20, "builder_seconds": 2.0, "posts": 100}
 AREAS = ("scrape", "cycle", "memory", "walk", "builders", "actuator")
 
 
@@ -45,7 +45,7 @@ def main() -> int:
             "memory": lambda: exporter_bench.memory(work, size["memory_records"], size["cycles"], size["cycle_records"]),
             "walk": lambda: walk_bench.walk(work, size["trees"]),
             "builders": lambda: builders_bench.many_builders(work, size["builders"], size["leak_files"],
-                                                             size["builder_scrapes"]),
+                                                             size["builder_scrapes"], size["builder_seconds"]),
             "actuator": lambda: actuator_bench.actuator_load(work, size["posts"]),
         }
         for area in args.only:

@@ -126,6 +126,17 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def collector(pid: int) -> int | None:
+    """The exporter's collector process (exporter/collector.py: a child started by spawn)."""
+    for child in children(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        except FileNotFoundError:
+            continue
+    return None
+
+
 def settle(check, timeout: float = 120.0):
     return wait_for("the benchmark's condition", check, timeout=timeout, every=0.05)
 

@@ -14,6 +14,7 @@ collector dies, the server says so and starts another, the store keeping the las
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -91,12 +92,18 @@ class Collector:
         self.store = store
         self.log_level = log_level
         self.process: Any = None
+        self._at_exit = False
 
     def _start(self) -> multiprocessing.connection.Connection:
         receive, send = _context.Pipe(duplex=False)
-        self.process = _context.Process(target=_collect, args=(self.cfg, send, self.log_level), daemon=True,
+        # Not a daemon: it starts processes of its own (exporter/child.py). `close()` ends it, at
+        # the server's clean-up or, failing that, at exit; a killed server ends it by closing the pipe.
+        self.process = _context.Process(target=_collect, args=(self.cfg, send, self.log_level),
                                         name="buildkit-cache-exporter collector")
         self.process.start()
+        if not self._at_exit:
+            atexit.register(self.close)
+            self._at_exit = True
         send.close()
         return receive
 

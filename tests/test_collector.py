@@ -65,3 +65,40 @@ def test_a_dead_collector_is_replaced_and_a_killed_server_takes_it_along(tmp_pat
     finally:
         svc.stop()
         engine.stop()
+
+
+def test_a_large_builder_is_measured_again_and_again_from_the_collector(tmp_path):
+    """Past 5,000 records, records run in a child of the collector (exporter/child.py)."""
+    import json
+
+    recorded = json.loads(DF.read_text())
+    items = [dict(recorded["BuildCache"][i % len(recorded["BuildCache"])], ID=f"r{i}") for i in range(6000)]
+    df = tmp_path / "df.json"
+    df.write_text(json.dumps({**recorded, "BuildCache": items}))
+    sock = tmp_path / "engine.sock"
+    requests = tmp_path / "requests.jsonl"
+    engine = Process([sys.executable, "-m", "lab.standin_engine", "--socket", str(sock), "--df", str(df),
+                      "--api", "1.47", "--root", str(tmp_path), "--requests", str(requests)], tmp_path / "engine.log")
+    wait_for("the stand-in engine", sock.exists)
+    port = free_port()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"docker_hosts: [{{url: 'unix://{sock}', name: standin}}]\n"
+                   f"exporter: {{listen: '127.0.0.1:{port}', intervals: {{records: 1s}}}}\n")
+    svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
+    url = f"http://127.0.0.1:{port}/metrics"
+    L = {"host": "standin", "builder": "default"}
+    try:
+        def runs() -> int:
+            return sum(1 for line in requests.read_text().splitlines() if "/system/df" in line) \
+                if requests.exists() else 0
+
+        wait_for("four records measurements", lambda: runs() >= 4, timeout=60)
+        text = http_get(url)[1]
+        assert value(text, "buildkit_cache_measurement_success", measurement="records", **L) == 1, svc.output()
+        count = sum(value(text, "buildkit_cache_records", record_type=t, state=s, **L) or 0
+                    for t in ("regular", "source.local", "exec.cachemount") for s in ("in_use", "shared", "reclaimable"))
+        assert count == 6000
+        assert "failed" not in svc.output()
+    finally:
+        svc.stop()
+        engine.stop()
