@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from buildkit_cache.builders import FILESYSTEM, Builder
+from buildkit_cache.builders import Builder
 from buildkit_cache.errors import BuilderError
-from buildkit_cache.models import CacheRecord, PruneRequest, PruneResult
+from buildkit_cache.models import FILESYSTEM, CacheRecord, PruneRequest, PruneResult
 from buildkit_cache.prune_plan import plan_prune
 
 log = logging.getLogger("actuator")

@@ -17,6 +17,10 @@ from .models import (
     DRIVER_CONTAINER,
     DRIVER_DOCKER,
     DRIVER_REMOTE,
+    FILESYSTEM,
+    GC_POLICY,
+    RECORDS,
+    STATE_VOLUME,
     BuilderRef,
     CacheRecord,
     FilesystemUsage,
@@ -34,11 +38,6 @@ CONTAINER_PREFIX = "buildx_buildkit_"
 STATE_SUFFIX = "_state"
 STATE_DIR = "/var/lib/buildkit"  # where buildx mounts the state volume in the builder container
 
-# Names of the measurements, as they appear in the `measurement` label.
-RECORDS = "records"
-GC_POLICY = "gc_policy"
-STATE_VOLUME = "state_volume"
-FILESYSTEM = "filesystem"
 
 # A fixed script, never built from input: the path arrives as "$1".
 _STATE_SCRIPT = 'du -skx "$1" && find "$1" -xdev | wc -l'

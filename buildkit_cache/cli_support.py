@@ -15,7 +15,6 @@ from aiohttp import web
 from .checks import missing_buildctl, unmatched_builder_settings
 from .config import LISTEN, Config, ConfigError, as_dict, load
 from .errors import BuilderError
-from .inventory import Inventory
 
 
 class Exit(Exception):
@@ -47,6 +46,8 @@ def print_effective_config(cfg: Config) -> None:
 
 def check_against_hosts(prog: str, cfg: Config) -> None:
     """For --check-config: warn (on stderr) about builder settings no Docker host's builders match."""
+    from .inventory import Inventory  # the Docker SDK only where Docker is asked
+
     inventory = Inventory(cfg)
     found: dict[str, list[str]] = {}
     for name in inventory.hosts:

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
+
+# Names of the measurements, as they appear in the `measurement` label.
+RECORDS = "records"
+GC_POLICY = "gc_policy"
+STATE_VOLUME = "state_volume"
+FILESYSTEM = "filesystem"
 
 # Record types BuildKit reports. Exported as zeros when absent, so dashboards and alerts see a series.
 RECORD_TYPES = (
@@ -109,6 +116,25 @@ class BuilderRef:
 
     def __str__(self) -> str:
         return f"{self.host}/{self.name}"
+
+
+class BuilderLike(Protocol):
+    """What the exporter's server needs of a builder to render it: a `Builder` (builders.py), or in
+    the server process, which never loads the Docker SDK, a `BuilderView` of one."""
+
+    @property
+    def ref(self) -> BuilderRef: ...
+
+    @property
+    def measurements(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class BuilderView:
+    """A builder as the exporter's server knows it: its identity and measurements, no connection."""
+
+    ref: BuilderRef
+    measurements: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,10 @@ from buildkit_cache import __version__
 from buildkit_cache.checks import missing_buildctl
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.config import Config, ConfigError
-from buildkit_cache.inventory import Inventory
 
 from .collector import Collector
 from .measurements import intervals
 from .metrics import Exposition, registry_for
-from .scheduler import collect_once
 from .store import Store
 
 log = logging.getLogger("exporter")
@@ -92,6 +90,11 @@ def make_app(store: Store, cfg: Config, collector: Collector | None = None) -> w
 
 
 async def _once(cfg: Config) -> int:
+    # Imported here: the server process (below) never loads the Docker SDK, its collector does.
+    from buildkit_cache.inventory import Inventory
+
+    from .scheduler import collect_once
+
     store = await collect_once(cfg, Inventory(cfg))
     sys.stdout.write(generate_latest(registry_for(store, cfg)).decode())
     failed = [f"{h}: {s.error}" for h, s in store.hosts.items() if not s.up]

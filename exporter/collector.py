@@ -24,11 +24,9 @@ import sys
 import threading
 from typing import Any
 
-from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
-from buildkit_cache.inventory import Inventory
+from buildkit_cache.models import BuilderLike, BuilderRef, BuilderView
 
-from .scheduler import Scheduler
 from .store import HostState, Result, Store
 
 log = logging.getLogger("exporter")
@@ -36,6 +34,11 @@ log = logging.getLogger("exporter")
 NICENESS = 5
 _CHANGES = ("set_host_builders", "add_builder", "set_result", "set_host")
 _context = multiprocessing.get_context("spawn")
+
+
+def _view(b: BuilderLike) -> BuilderView:
+    # What the server renders, without the connection (and without the Docker SDK to unpickle it).
+    return BuilderView(b.ref, tuple(b.measurements))
 
 
 class ForwardingStore(Store):
@@ -51,14 +54,14 @@ class ForwardingStore(Store):
         except (BrokenPipeError, ConnectionResetError, EOFError):
             raise SystemExit(0) from None  # the server is gone: so is its collector
 
-    def set_host_builders(self, host: str, builders: list[Builder]) -> tuple[list[Builder], list[Any]]:
+    def set_host_builders(self, host: str, builders: list[BuilderLike]) -> tuple[list[BuilderLike], list[BuilderRef]]:
         changed = super().set_host_builders(host, builders)
-        self._send("set_host_builders", host, builders)
+        self._send("set_host_builders", host, [_view(b) for b in builders])
         return changed
 
-    def add_builder(self, builder: Builder) -> None:
+    def add_builder(self, builder: BuilderLike) -> None:
         super().add_builder(builder)
-        self._send("add_builder", builder)
+        self._send("add_builder", _view(builder))
 
     def set_result(self, key: tuple[str, str], measurement: str, result: Result[Any]) -> None:
         super().set_result(key, measurement, result)
@@ -74,6 +77,11 @@ def _collect(cfg: Config, conn: multiprocessing.connection.Connection, log_level
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
     os.nice(NICENESS)  # on a busy host, a scrape comes before a measurement
+    # Only here, in the collector: the Docker SDK and everything that talks to Docker.
+    from buildkit_cache.inventory import Inventory
+
+    from .scheduler import Scheduler
+
     scheduler = Scheduler(cfg, Inventory(cfg), ForwardingStore(conn))
     try:
         asyncio.run(scheduler.run_forever())

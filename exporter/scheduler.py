@@ -9,13 +9,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from buildkit_cache.builders import RECORDS, Builder
+from buildkit_cache.builders import Builder
 from buildkit_cache.checks import unmatched_builder_settings
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError, Unavailable
 from buildkit_cache.inventory import Inventory
+from buildkit_cache.models import RECORDS, BuilderLike
 from buildkit_cache.usage import UsageSummary
 
 from . import child
@@ -25,6 +26,11 @@ from .store import HostState, Result, Store
 log = logging.getLogger("exporter")
 
 JobKey = tuple[str, ...]  # ("discover", host) or ("measure", host, builder, measurement)
+
+
+def _builder(b: BuilderLike) -> Builder:
+    """The scheduler's store holds the builders it was given: `Builder`s (see store.BuilderState)."""
+    return cast(Builder, b)
 
 
 class Scheduler:
@@ -50,7 +56,7 @@ class Scheduler:
         """Discover every host, then run every measurement of every builder once."""
         await asyncio.gather(*(self.discover(h) for h in self.inventory.hosts))
         await asyncio.gather(*(
-            self.measure(state.builder, m)
+            self.measure(_builder(state.builder), m)
             for state in list(self.store.builders.values())
             for m in state.builder.measurements
         ))
@@ -93,8 +99,8 @@ class Scheduler:
             if line not in said:
                 log.error("docker host %s: %s", host, line)
         self.store.set_host(host, state)
-        added, gone = self.store.set_host_builders(host, builders)
-        for b in added:
+        added, gone = self.store.set_host_builders(host, list(builders))
+        for b in map(_builder, added):
             log.info("found builder %s (%s)", b.ref, b.describe())
             for m in b.measurements:
                 self.next_due[("measure", *b.ref.key, m)] = 0.0
@@ -179,7 +185,7 @@ class Scheduler:
             state = self.store.builders.get((key[1], key[2]))
             if state is None:
                 return
-            coro = self.measure(state.builder, key[3])
+            coro = self.measure(_builder(state.builder), key[3])
         task = asyncio.get_running_loop().create_task(coro, name="/".join(key))
         self.running[key] = task
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
-from buildkit_cache.builders import Builder
-from buildkit_cache.models import BuilderRef
+# Builders as a Protocol: the collector's store holds `Builder`s, the server's replica `BuilderView`s
+# (no Docker SDK in the server process).
+from buildkit_cache.models import BuilderLike, BuilderRef
 
 T = TypeVar("T")
 
@@ -28,7 +29,7 @@ class Result(Generic[T]):
 
 @dataclass(frozen=True)
 class BuilderState:
-    builder: Builder
+    builder: BuilderLike
     results: dict[str, Result[Any]] = field(default_factory=dict)
 
     @property
@@ -52,14 +53,14 @@ class Store:
         self.builders: dict[tuple[str, str], BuilderState] = {}
         self.hosts: dict[str, HostState] = {}
 
-    def set_host_builders(self, host: str, builders: list[Builder]) -> tuple[list[Builder], list[BuilderRef]]:
+    def set_host_builders(self, host: str, builders: list[BuilderLike]) -> tuple[list[BuilderLike], list[BuilderRef]]:
         """Replace the builders found on a host; keep results of those still there.
 
         Returns the builders that are new (or changed how they are reached) and the refs that left.
         """
         current = {k: v for k, v in self.builders.items() if k[0] == host and v.ref.driver != "remote"}
         found = {b.ref.key: b for b in builders}
-        added: list[Builder] = []
+        added: list[BuilderLike] = []
         updated = dict(self.builders)
         for key, b in found.items():
             old = current.get(key)
@@ -75,7 +76,7 @@ class Store:
         self.builders = updated
         return added, gone
 
-    def add_builder(self, builder: Builder) -> None:
+    def add_builder(self, builder: BuilderLike) -> None:
         self.builders = {**self.builders, builder.ref.key: BuilderState(builder)}
 
     def set_result(self, key: tuple[str, str], measurement: str, result: Result[Any]) -> None:

@@ -102,3 +102,13 @@ def test_a_large_builder_is_measured_again_and_again_from_the_collector(tmp_path
     finally:
         svc.stop()
         engine.stop()
+
+
+def test_the_server_process_never_loads_the_docker_sdk():
+    """The SDK (with paramiko and cryptography: ~25 MB) is the collector's alone."""
+    import subprocess
+
+    code = ("import sys, buildkit_cache.exporter.cli, buildkit_cache.exporter.collector, buildkit_cache.exporter.metrics;"
+            "print(sorted(m for m in ('docker', 'paramiko', 'requests') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"

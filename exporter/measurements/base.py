@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
+    from buildkit_cache.builders import Builder
+
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
+from buildkit_cache.models import BuilderLike
 
 P = "buildkit_cache_"
 B = ["host", "builder"]
@@ -37,7 +42,7 @@ class Measurement(ABC, Generic[T]):
         """Whether the thing measured got smaller between two successful runs."""
         return False
 
-    def applies(self, builder: Builder) -> bool:
+    def applies(self, builder: BuilderLike) -> bool:
         return self.name in builder.measurements
 
     @abstractmethod

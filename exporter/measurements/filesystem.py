@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from buildkit_cache.builders import FILESYSTEM, Builder
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
+    from buildkit_cache.builders import Builder
+
 from buildkit_cache.config import Config
-from buildkit_cache.models import FilesystemUsage
+from buildkit_cache.models import FILESYSTEM, FilesystemUsage
 
 from .base import Families, Measurement, gauge
 

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
-from buildkit_cache.builders import GC_POLICY, Builder
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
+    from buildkit_cache.builders import Builder
+
 from buildkit_cache.config import Config
-from buildkit_cache.models import WorkerInfo
+from buildkit_cache.models import GC_POLICY, WorkerInfo
 
 from .base import Families, Measurement, gauge, info
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
+    from buildkit_cache.builders import Builder
+
 from datetime import UTC, datetime
 
-from buildkit_cache.builders import FILESYSTEM, RECORDS, STATE_VOLUME, Builder
 from buildkit_cache.config import Config
+from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME
 from buildkit_cache.units import format_duration
 from buildkit_cache.usage import UsageSummary
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from buildkit_cache.builders import STATE_VOLUME, Builder
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
+    from buildkit_cache.builders import Builder
+
 from buildkit_cache.config import Config
-from buildkit_cache.models import TreeUsage
+from buildkit_cache.models import STATE_VOLUME, TreeUsage
 
 from .base import Families, Measurement, gauge
 
