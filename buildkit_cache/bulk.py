@@ -64,7 +64,7 @@ def engine_rows(raw: bytes) -> list[EngineRecord]:
     try:
         df = _ENGINE.decode(raw)
     except msgspec.DecodeError as exc:
-        raise ParseError(f"system/df: {exc}") from exc
+        raise ParseError(f"system/df: not the JSON expected: {exc}") from exc
     # The same rules as the full parser for which list holds the records (API 1.52's BuildCacheUsage).
     shape: dict[str, object] = {}
     if df.BuildCache is not msgspec.UNSET:
@@ -80,7 +80,7 @@ def buildctl_rows(raw: bytes) -> list[BuildctlRecord]:
     try:
         items = _BUILDCTL.decode(raw) if raw.strip() else None
     except msgspec.DecodeError as exc:
-        raise ParseError(f"buildctl du: {exc}") from exc
+        raise ParseError(f"buildctl du: not the JSON expected: {exc}") from exc
     return items or []
 
 
