@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -133,8 +134,11 @@ class Collector:
                         loop.call_soon_threadsafe(self._apply, conn.recv())
                 except (EOFError, OSError):
                     pass
+                except RuntimeError:
+                    return  # the server's loop is closed: it is shutting down
                 finally:
                     conn.close()
+                with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(done.set)
 
             threading.Thread(target=read, name="collector changes", daemon=True).start()
