@@ -37,7 +37,7 @@ def main() -> int:
     size = SMALL if args.small else FULL
     started = time.monotonic()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="bkce-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bkb-") as tmp:
         work = Path(tmp)
         steps = {
             "scrape": lambda: exporter_bench.scrape_latency(work, size["sizes"], size["scrapes"]),
