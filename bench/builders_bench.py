@@ -15,7 +15,7 @@ from lab.engines import PrivateDockerd
 from lab.procs import ROOT, samples
 from tests.support import builder_container
 
-from .common import Row, Scraper, _timed_wall, exporter, median, percentile
+from .common import Row, Scraper, exporter, median, percentile, timed
 from .walk_bench import du, make_tree
 
 
@@ -115,7 +115,7 @@ def _walk_check(cfg: Path, mountpoint: Path, files: int) -> list[Row]:
         durations.append(got[("buildkit_cache_measurement_duration_seconds",
                               frozenset({**L, "measurement": "state_volume"}.items()))])
         sizes.append(got[("buildkit_cache_state_volume_size_bytes", frozenset(L.items()))])
-    du_bytes, du_s = _timed_wall(lambda: du("-B1", str(mountpoint)), 3)
+    du_bytes, du_s, _ = timed(lambda: du("-B1", str(mountpoint)), 3)
     measured = median(durations)
     return [Row("walk", f"leaked volume of {files:,} files through the exporter (--once, median of 3): "
                 "measurement_duration_seconds{measurement=\"state_volume\"}",

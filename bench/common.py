@@ -3,6 +3,7 @@ actuator run as processes the way users run them, percentiles, CPU and memory of
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import os
@@ -141,17 +142,13 @@ def settle(check, timeout: float = 120.0):
     return wait_for("the benchmark's condition", check, timeout=timeout, every=0.05)
 
 
-def timed(fn):
-    t0, c0 = time.perf_counter(), time.process_time()
-    value = fn()
-    return value, time.perf_counter() - t0, time.process_time() - c0
-
-
-def _timed_wall(fn, repeat: int):
-    """(value, median wall seconds) of `repeat` calls."""
-    walls, value = [], None
+def timed(fn, repeat: int):
+    """(value, median wall seconds, median CPU seconds of this process) of `repeat` calls."""
+    walls, cpus, value = [], [], None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.process_time()
         value = fn()
         walls.append(time.perf_counter() - t0)
-    return value, median(walls)
+        cpus.append(time.process_time() - c0)
+    return value, median(walls), median(cpus)

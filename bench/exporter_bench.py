@@ -4,7 +4,6 @@ collection runs, one collection cycle beside the engine call itself, and memory.
 from __future__ import annotations
 
 import asyncio
-import gc
 import http.client
 import json
 import os
@@ -22,7 +21,7 @@ from buildkit_cache.exporter.store import Store
 from buildkit_cache.inventory import Inventory
 from buildkit_cache.usage import summarize
 
-from .common import Row, Scraper, StandinEngine, collector, exporter, median, percentile, rss_mb, settle
+from .common import Row, Scraper, StandinEngine, collector, exporter, percentile, rss_mb, settle, timed
 
 WINDOWS = (3600.0, 86400.0, 604800.0)
 
@@ -98,17 +97,6 @@ def _engine_call(sock: Path) -> bytes:
         conn.close()
 
 
-def _timed(fn, repeat: int) -> tuple[object, float, float]:
-    walls, cpus, value = [], [], None
-    for _ in range(repeat):
-        gc.collect()
-        t0, c0 = time.perf_counter(), time.process_time()
-        value = fn()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    return value, median(walls), median(cpus)
-
-
 def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]:
     """One records measurement split in its parts: the engine call (the same request read to its
     last byte by http.client), then decoding and summarising (bulk.py); the full parsers beside."""
@@ -117,13 +105,13 @@ def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]
         engine = StandinEngine(work, f"cycle-{n}", n)
         try:
             host = DockerHost("standin", engine.url, timeout=120)
-            raw, call_wall, call_cpu = _timed(lambda e=engine: _engine_call(e.socket), repeat)
+            raw, call_wall, call_cpu = timed(lambda e=engine: _engine_call(e.socket), repeat)
             assert isinstance(raw, bytes)
             now = datetime.now(UTC)
-            summary, parse_wall, parse_cpu = _timed(
+            summary, parse_wall, parse_cpu = timed(
                 lambda r=raw, t=now: bulk.summarize_rows(bulk.engine_rows(r), t, WINDOWS, True), repeat)
-            _, sdk_wall, _ = _timed(host.system_df_build_cache_bytes, repeat)
-            full, full_wall, _ = _timed(lambda r=raw, t=now: summarize(parse.parse_engine_build_cache(
+            _, sdk_wall, _ = timed(host.system_df_build_cache_bytes, repeat)
+            full, full_wall, _ = timed(lambda r=raw, t=now: summarize(parse.parse_engine_build_cache(
                 json.loads(r)), t, WINDOWS, True), max(1, repeat // 2))
             assert summary == full
             rows.append(Row("cycle", f"{n:,} records ({len(raw) / 1e6:.1f} MB): decode + summarise",

@@ -33,17 +33,23 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_dead_collector_is_replaced_and_a_killed_server_takes_it_along(tmp_path):
-    sock = tmp_path / "engine.sock"
-    engine = Process([sys.executable, "-m", "lab.standin_engine", "--socket", str(sock), "--df", str(DF),
-                      "--api", "1.47", "--root", str(tmp_path)], tmp_path / "engine.log")
+def exporter_on_standin(tmp_path: Path, df: Path, intervals: str) -> tuple[Process, Service, str, Path]:
+    """The exporter as users run it, against a stand-in engine answering /system/df with `df`:
+    (engine, exporter, its /metrics URL, the engine's request log)."""
+    sock, requests = tmp_path / "engine.sock", tmp_path / "requests.jsonl"
+    engine = Process([sys.executable, "-m", "lab.standin_engine", "--socket", str(sock), "--df", str(df),
+                      "--api", "1.47", "--root", str(tmp_path), "--requests", str(requests)], tmp_path / "engine.log")
     wait_for("the stand-in engine", sock.exists)
     port = free_port()
     cfg = tmp_path / "config.yml"
     cfg.write_text(f"docker_hosts: [{{url: 'unix://{sock}', name: standin}}]\n"
-                   f"exporter: {{listen: '127.0.0.1:{port}', intervals: {{records: 1s, discovery: 1s}}}}\n")
+                   f"exporter: {{listen: '127.0.0.1:{port}', intervals: {{{intervals}}}}}\n")
     svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
-    url = f"http://127.0.0.1:{port}/metrics"
+    return engine, svc, f"http://127.0.0.1:{port}/metrics", requests
+
+
+def test_a_dead_collector_is_replaced_and_a_killed_server_takes_it_along(tmp_path):
+    engine, svc, url, _ = exporter_on_standin(tmp_path, DF, "records: 1s, discovery: 1s")
     L = {"host": "standin", "builder": "default", "measurement": "records"}
 
     def last_success() -> float:
@@ -75,17 +81,7 @@ def test_a_large_builder_is_measured_again_and_again_from_the_collector(tmp_path
     items = [dict(recorded["BuildCache"][i % len(recorded["BuildCache"])], ID=f"r{i}") for i in range(6000)]
     df = tmp_path / "df.json"
     df.write_text(json.dumps({**recorded, "BuildCache": items}))
-    sock = tmp_path / "engine.sock"
-    requests = tmp_path / "requests.jsonl"
-    engine = Process([sys.executable, "-m", "lab.standin_engine", "--socket", str(sock), "--df", str(df),
-                      "--api", "1.47", "--root", str(tmp_path), "--requests", str(requests)], tmp_path / "engine.log")
-    wait_for("the stand-in engine", sock.exists)
-    port = free_port()
-    cfg = tmp_path / "config.yml"
-    cfg.write_text(f"docker_hosts: [{{url: 'unix://{sock}', name: standin}}]\n"
-                   f"exporter: {{listen: '127.0.0.1:{port}', intervals: {{records: 1s}}}}\n")
-    svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
-    url = f"http://127.0.0.1:{port}/metrics"
+    engine, svc, url, requests = exporter_on_standin(tmp_path, df, "records: 1s")
     L = {"host": "standin", "builder": "default"}
     try:
         def runs() -> int:
