@@ -12,7 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from buildkit_cache import bulk, parse
+from buildkit_cache import decode, parse
 from buildkit_cache.config import parse_config
 from buildkit_cache.docker_api import DockerHost
 from buildkit_cache.exporter import child
@@ -99,7 +99,7 @@ def _engine_call(sock: Path) -> bytes:
 
 def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]:
     """One records measurement split in its parts: the engine call (the same request read to its
-    last byte by http.client), then decoding and summarising (bulk.py); the full parsers beside."""
+    last byte by http.client), then decoding and summarising (decode.py); the full parsers beside."""
     rows = []
     for n in sizes:
         engine = StandinEngine(work, f"cycle-{n}", n)
@@ -109,7 +109,7 @@ def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]
             assert isinstance(raw, bytes)
             now = datetime.now(UTC)
             summary, parse_wall, parse_cpu = timed(
-                lambda r=raw, t=now: bulk.summarize_rows(bulk.engine_rows(r), t, WINDOWS, True), repeat)
+                lambda r=raw, t=now: bulk.summarize_rows(decode.engine_rows(r), t, WINDOWS, True), repeat)
             _, sdk_wall, _ = timed(host.system_df_build_cache_bytes, repeat)
             full, full_wall, _ = timed(lambda r=raw, t=now: summarize(parse.parse_engine_build_cache(
                 json.loads(r)), t, WINDOWS, True), max(1, repeat // 2))

@@ -10,13 +10,14 @@ import shutil
 from collections.abc import Sequence
 from typing import Protocol
 
-from . import bulk, parse
+from . import decode, parse
 from .config import BuildkitdTLS
 from .docker_api import DockerHost
 from .errors import CommandFailed, Unavailable
 from .models import CacheRecord, PruneRequest, PruneResult, WorkerInfo
 from .procs import run_capped
 from .prune_api import buildctl_prune_args, prune_result_from_records
+from .usage import RecordLike
 
 
 class Runner(Protocol):
@@ -111,16 +112,16 @@ class BuildctlClient:
                 self._json_du = False
         return parse.parse_buildctl_du_verbose(self.run(["du", "-v"]))
 
-    def du_rows(self) -> Sequence[bulk.Row]:
-        """What `du` says, as rows for bulk.summarize_rows: decoded without a CacheRecord each."""
+    def du_rows(self) -> Sequence[RecordLike]:
+        """What `du` says, as rows for usage.summarize: decoded without a CacheRecord each."""
         if self._json_du:
             try:
-                return bulk.buildctl_rows(self.run(["du", "--format", "json"]).encode())
+                return decode.buildctl_rows(self.run(["du", "--format", "json"]).encode())
             except CommandFailed as exc:
                 if not _unknown_flag(exc):
                     raise
                 self._json_du = False
-        return [bulk.BuildctlRecord(r.id, r.record_type, r.in_use, r.shared, r.size, r.last_used_at) for r in self.du()]
+        return self.du()
 
     def debug_workers(self) -> WorkerInfo:
         if self._json_workers:

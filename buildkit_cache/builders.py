@@ -6,10 +6,9 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
-from . import bulk, fs, parse
+from . import decode, fs, parse
 from .buildctl import BuildctlClient, ContainerBuildctl, LocalBuildctl
 from .docker_api import DockerHost, api_at_least
 from .errors import BuilderError, Unavailable
@@ -69,10 +68,20 @@ class Builder:
     def records(self) -> list[CacheRecord]:
         raise BuilderError(f"{self.ref}: records are not available for this builder")
 
-    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
-        """The summary the exporter exports: what `usage.summarize` makes of `records()`, by a
-        quicker path where the builder has one (bulk.py)."""
-        return summarize(self.records(), now, idle_windows, self.fresh_cache_mounts())
+    def usage(self) -> UsageSummary:
+        """The summary the exporter exports: `usage.summarize` of the records, decoded by a quicker
+        path where the builder has one (decode.py)."""
+        return summarize(self.records(), self.fresh_cache_mounts())
+
+    def state_dir(self) -> str | None:
+        """Where BuildKit's state directory (its bolt databases) is visible to this process, if it
+        is: the exporter stats them to tell whether the cache changed (exporter/collect.py)."""
+        return None
+
+    def identity(self) -> tuple[str, ...]:
+        """What, besides the state directory, says the builder is no longer the one last measured
+        (a container replaced, stopped or started)."""
+        return ()
 
     def gc_policy(self) -> WorkerInfo:
         raise BuilderError(f"{self.ref}: this builder does not reveal its GC policy")
@@ -111,6 +120,7 @@ class EngineStorage:
     image_store: str  # "containerd", or the graph driver's name ("overlay2")
     path: str  # the directory holding the snapshots
     fallback: str  # measured when `path` is not there: the same filesystem in a normal install
+    buildkit_dir: str = "/var/lib/docker/buildkit"  # BuildKit's databases: `<DockerRootDir>/buildkit`
 
     def describe(self) -> str:
         if self.image_store == "containerd":
@@ -139,8 +149,8 @@ def engine_storage(info: Mapping[str, Any], containerd_root: str | None = None) 
             containerd_root = "/var/lib/containerd" if system else f"{root}/containerd/daemon"
         containerd_root = containerd_root.rstrip("/") or "/"
         snapshotter = f"io.containerd.snapshotter.v1.{driver or 'overlayfs'}"
-        return EngineStorage("containerd", f"{containerd_root}/{snapshotter}", containerd_root)
-    return EngineStorage(driver or "unknown", f"{root}/{driver}" if driver else root, root)
+        return EngineStorage("containerd", f"{containerd_root}/{snapshotter}", containerd_root, f"{root}/buildkit")
+    return EngineStorage(driver or "unknown", f"{root}/{driver}" if driver else root, root, f"{root}/buildkit")
 
 
 class EngineBuilder(Builder):
@@ -158,9 +168,11 @@ class EngineBuilder(Builder):
     def records(self) -> list[CacheRecord]:
         return parse.parse_engine_build_cache(self.host.system_df_build_cache())
 
-    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
-        rows = bulk.engine_rows(self.host.system_df_build_cache_bytes())
-        return bulk.summarize_rows(rows, now, idle_windows, self.fresh_cache_mounts())
+    def usage(self) -> UsageSummary:
+        return summarize(decode.engine_rows(self.host.system_df_build_cache_bytes()), self.fresh_cache_mounts())
+
+    def state_dir(self) -> str | None:
+        return self.host.visible_path(self.storage.buildkit_dir)
 
     def filesystem(self) -> FilesystemUsage:
         """The filesystem holding the snapshots: what fills up as the cache grows."""
@@ -198,11 +210,14 @@ class ContainerBuilder(Builder):
     can still be measured when the volume is visible.
     """
 
-    def __init__(self, ref: BuilderRef, host: DockerHost, mountpoint: str, state_dir: str = STATE_DIR):
+    def __init__(self, ref: BuilderRef, host: DockerHost, mountpoint: str, state_dir: str = STATE_DIR,
+                 container_id: str = "", container_state: str = ""):
         super().__init__(ref)
         self.host = host
         self.mountpoint = mountpoint
-        self.state_dir = state_dir
+        self.container_state_dir = state_dir
+        self.container_id = container_id
+        self.container_state = container_state
         self.buildctl = BuildctlClient(ContainerBuildctl(host, ref.container)) if ref.container else None
         if ref.container:
             self.measurements = (RECORDS, GC_POLICY, STATE_VOLUME, FILESYSTEM)
@@ -217,8 +232,14 @@ class ContainerBuilder(Builder):
     def records(self) -> list[CacheRecord]:
         return self._client().du()
 
-    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
-        return bulk.summarize_rows(self._client().du_rows(), now, idle_windows, self.fresh_cache_mounts())
+    def usage(self) -> UsageSummary:
+        return summarize(self._client().du_rows(), self.fresh_cache_mounts())
+
+    def state_dir(self) -> str | None:
+        return self.host.visible_path(self.mountpoint)
+
+    def identity(self) -> tuple[str, ...]:
+        return (self.container_id, self.container_state)
 
     def gc_policy(self) -> WorkerInfo:
         return self._client().debug_workers()
@@ -235,7 +256,7 @@ class ContainerBuilder(Builder):
             return fs.tree_usage(local, timeout)
         if not self.ref.container:
             raise Unavailable(f"{self.ref}: volume {self.ref.volume} is not visible and has no container")
-        out = self.host.exec_checked(self.ref.container, ["sh", "-c", _STATE_SCRIPT, "sh", self.state_dir])
+        out = self.host.exec_checked(self.ref.container, ["sh", "-c", _STATE_SCRIPT, "sh", self.container_state_dir])
         lines = out.strip().splitlines()
         try:
             return TreeUsage(bytes=parse.parse_du_sk(lines[0]), files=int(lines[-1].strip()))
@@ -248,7 +269,7 @@ class ContainerBuilder(Builder):
             return fs.statvfs_usage(local)
         if not self.ref.container:
             raise Unavailable(f"{self.ref}: volume {self.ref.volume} is not visible and has no container")
-        out = self.host.exec_checked(self.ref.container, ["sh", "-c", _DF_SCRIPT, "sh", self.state_dir])
+        out = self.host.exec_checked(self.ref.container, ["sh", "-c", _DF_SCRIPT, "sh", self.container_state_dir])
         df_k, sep, df_i = out.partition("---")
         if not sep:
             raise BuilderError(f"{self.ref}: unexpected df output {out[:200]!r}")
@@ -267,8 +288,8 @@ class RemoteBuilder(Builder):
     def records(self) -> list[CacheRecord]:
         return self.client.du()
 
-    def usage(self, now: datetime, idle_windows: Sequence[float]) -> UsageSummary:
-        return bulk.summarize_rows(self.client.du_rows(), now, idle_windows, self.fresh_cache_mounts())
+    def usage(self) -> UsageSummary:
+        return summarize(self.client.du_rows(), self.fresh_cache_mounts())
 
     def gc_policy(self) -> WorkerInfo:
         return self.client.debug_workers()
@@ -351,9 +372,10 @@ def discover(host: DockerHost, container_names: Mapping[str, str] | None = None,
         state_dir = mount.get("Destination", STATE_DIR) if mount else STATE_DIR
 
         def make(b: str, name: str = name, volume: str = volume, mountpoint: str = mountpoint,
-                 state_dir: str = state_dir) -> Builder:
+                 state_dir: str = state_dir, cid: str = str(c.get("Id", "")), state: str = str(c.get("State", ""))
+                 ) -> Builder:
             return ContainerBuilder(BuilderRef(host.name, b, DRIVER_CONTAINER, container=name, volume=volume),
-                                    host, mountpoint, state_dir)
+                                    host, mountpoint, state_dir, cid, state)
 
         node = name[len(CONTAINER_PREFIX):]
         found[node] = (container_names.get(name) or builder_name_for_node(node), name in container_names, make)

@@ -167,7 +167,7 @@ class DockerHost:
         return self._call("GET /system/df", lambda c: _mapping(c._result(self._system_df(c), True)))  # type: ignore[attr-defined]
 
     def system_df_build_cache_bytes(self) -> bytes:
-        """The same answer, undecoded: the exporter decodes only the fields it needs (bulk.py)."""
+        """The same answer, undecoded: the exporter decodes only the fields it needs (decode.py)."""
         return self._call("GET /system/df", lambda c: bytes(c._result(self._system_df(c), binary=True)))  # type: ignore[attr-defined]
 
     @staticmethod

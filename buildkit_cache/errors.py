@@ -18,3 +18,7 @@ class CommandFailed(BuilderError):
         self.stderr = stderr
         tail = stderr.strip().splitlines()[-1] if stderr.strip() else "no error output"
         super().__init__(f"`{' '.join(argv[:3])}` exited {exit_code}: {tail}")
+
+
+class ParseError(BuilderError, ValueError):
+    """Output that does not have the shape we know."""

@@ -102,3 +102,36 @@ def statvfs_usage(path: str) -> FilesystemUsage:
         files=st.f_files,
         files_free=st.f_ffree,
     )
+
+
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def databases_fingerprint(state_dir: str) -> Fingerprint | None:
+    """(name, inode, size, mtime in ns) of every BuildKit bolt database (`*.db`) in a state directory
+    and the directories right under it, or None when it cannot be read.
+
+    BuildKit writes them whenever records are added, used, pruned or collected, and neither DiskUsage
+    nor a workers listing does (../FACTS: "What changes on disk"): two equal fingerprints mean the
+    cache did not change in between. A few stat calls, no walk: `cache.db` and `history.db` at the
+    top, `runc-overlayfs/metadata_v2.db` and `containerdmeta.db` a level down (dockerd's embedded
+    builder keeps `cache.db`, `metadata_v2.db`, `containerdmeta.db` and `snapshots.db` at the top of
+    `<data-root>/buildkit`). Snapshot and content directories are not entered."""
+    found: list[tuple[str, int, int, int]] = []
+    try:
+        with os.scandir(state_dir) as top:
+            entries = list(top)
+        for entry in entries:
+            if entry.name.endswith(".db") and entry.is_file(follow_symlinks=False):
+                st = entry.stat(follow_symlinks=False)
+                found.append((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+            elif entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as below:
+                    for sub in below:
+                        if sub.name.endswith(".db") and sub.is_file(follow_symlinks=False):
+                            st = sub.stat(follow_symlinks=False)
+                            found.append((f"{entry.name}/{sub.name}", st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError as exc:
+        log.debug("fingerprint of %s: %s", state_dir, exc)
+        return None
+    return tuple(sorted(found))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
 
 # Names of the measurements, as they appear in the `measurement` label.
 RECORDS = "records"
@@ -49,12 +48,12 @@ class CacheRecord:
 
     @property
     def state(self) -> str:
-        """`in_use`, else `shared`, else `reclaimable`: the three partition every record."""
-        if self.in_use:
-            return "in_use"
-        if self.shared:
-            return "shared"
-        return "reclaimable"
+        return state_of(self.in_use, self.shared)
+
+
+def state_of(in_use: bool, shared: bool) -> str:
+    """`in_use`, else `shared`, else `reclaimable`: the three partition every record."""
+    return "in_use" if in_use else "shared" if shared else "reclaimable"
 
 
 @dataclass(frozen=True)
@@ -116,25 +115,6 @@ class BuilderRef:
 
     def __str__(self) -> str:
         return f"{self.host}/{self.name}"
-
-
-class BuilderLike(Protocol):
-    """What the exporter's server needs of a builder to render it: a `Builder` (builders.py), or in
-    the server process, which never loads the Docker SDK, a `BuilderView` of one."""
-
-    @property
-    def ref(self) -> BuilderRef: ...
-
-    @property
-    def measurements(self) -> tuple[str, ...]: ...
-
-
-@dataclass(frozen=True)
-class BuilderView:
-    """A builder as the exporter's server knows it: its identity and measurements, no connection."""
-
-    ref: BuilderRef
-    measurements: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,22 @@
-"""Parsers for what Docker and BuildKit print. Pure functions, tested on recorded real outputs."""
+"""Parsers for what Docker and BuildKit print. Pure functions, tested on recorded real outputs.
+
+Record lists in JSON are decoded in one place, decode.py; the functions here for them are its
+entry points under the names the rest of the project knows, beside the text fallbacks."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
-from datetime import datetime
+from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
-from .errors import BuilderError
+from . import decode
+from .errors import ParseError
 from .models import CacheRecord, FilesystemUsage, GCRule, WorkerInfo
 from .units import parse_go_duration, parse_human_size
 
-
-class ParseError(BuilderError, ValueError):
-    """Output that does not have the shape we know."""
-
+__all__ = ["ParseError"]
 
 _GO_ZERO_YEAR = 1
 
@@ -29,21 +30,22 @@ def parse_timestamp(value: Any) -> datetime | None:
     m = re.match(r"^(\d{4}-\d\d-\d\d) (\d\d:\d\d:\d\d(?:\.\d+)?) ([+-]\d{4})(?: \S+)?$", text)
     if m:
         text = f"{m.group(1)}T{m.group(2)}{m.group(3)[:3]}:{m.group(3)[3:]}"
-    # Python keeps microseconds; trim longer fractions that some Pythons reject.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    # Python keeps microseconds: longer fractions are rounded to them, as msgspec does (decode.py),
+    # so a record read from text and from JSON has one time.
+    fraction = re.search(r"\.(\d+)", text)
+    extra = timedelta(0)
+    if fraction and len(fraction.group(1)) > 6:
+        nanos = int(fraction.group(1)[:9].ljust(9, "0"))
+        micros = (nanos + 500) // 1000
+        extra = timedelta(microseconds=micros)
+        text = text[:fraction.start()] + text[fraction.end():]
     try:
-        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00")) + extra
     except ValueError as exc:
         raise ParseError(f"bad timestamp {value!r}") from exc
     if ts.year == _GO_ZERO_YEAR:
         return None
     return ts
-
-
-def _bool(value: Any, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ParseError(f"{what}: expected true or false, got {value!r}")
 
 
 def _int(value: Any, what: str) -> int:
@@ -52,107 +54,16 @@ def _int(value: Any, what: str) -> int:
     return int(value)
 
 
-def engine_record_list(df: Mapping[str, Any]) -> list[Any]:
-    """The record list of a `GET /system/df` reply, from whichever shape the engine sent.
-
-    API 1.52 (Docker 29) adds `BuildCacheUsage`, whose `Items` lists the records when asked with
-    `verbose`; the legacy `BuildCache` list is sent only without `verbose` and is to be dropped. A
-    reply with neither is not "no records": it is a reply this exporter does not understand.
-    """
-    usage = df.get("BuildCacheUsage")
-    if usage is not None:
-        if not isinstance(usage, Mapping):
-            raise ParseError("system/df: BuildCacheUsage is not an object")
-        items = usage.get("Items")
-        if items is not None:
-            if not isinstance(items, list):
-                raise ParseError("system/df: BuildCacheUsage.Items is not a list")
-            return items
-        # Items is omitted when empty; a non-zero count without them means the list was not sent.
-        total = usage.get("TotalCount")
-        if "BuildCache" not in df:
-            if total == 0:
-                return []
-            raise ParseError(f"system/df: BuildCacheUsage counts {total!r} records but lists none "
-                             "(Items is missing: was the request made without verbose?)")
-    if "BuildCache" not in df:
-        raise ParseError("system/df: the reply has neither BuildCache nor BuildCacheUsage; "
-                         "the engine did not report its build cache")
-    raw = df["BuildCache"]
-    if raw is None:  # an empty cache, as older engines say it
-        return []
-    if not isinstance(raw, list):
-        raise ParseError("system/df: BuildCache is not a list")
-    return raw
-
-
-def parse_engine_build_cache(df: Mapping[str, Any]) -> list[CacheRecord]:
+def parse_engine_build_cache(df: Mapping[str, Any] | bytes) -> list[CacheRecord]:
     """Records from the Engine API's `GET /system/df` (API 1.39 to 1.52 shapes)."""
-    if not isinstance(df, Mapping):
+    if not isinstance(df, (Mapping, bytes)):
         raise ParseError("system/df: expected a JSON object")
-    records = []
-    for i, item in enumerate(engine_record_list(df)):
-        what = f"system/df BuildCache[{i}]"
-        if not isinstance(item, Mapping) or "ID" not in item:
-            raise ParseError(f"{what}: not a cache record")
-        # API <= 1.41: `Parent`, a string. From 1.42 a list, which 26.1 and 28.5 send under the key
-        # " Parents" with a leading space (a typo in the engine's struct tag); "Parents" as documented.
-        parents: Iterable[str]
-        listed = item.get("Parents") or item.get(" Parents")
-        if listed:
-            if not isinstance(listed, list):
-                raise ParseError(f"{what}.Parents: expected a list")
-            parents = listed
-        elif item.get("Parent"):
-            parents = [item["Parent"]]
-        else:
-            parents = []
-        records.append(
-            CacheRecord(
-                id=str(item["ID"]),
-                record_type=str(item.get("Type") or "regular"),
-                size=_int(item.get("Size", 0), f"{what}.Size"),
-                in_use=_bool(item.get("InUse", False), f"{what}.InUse"),
-                shared=_bool(item.get("Shared", False), f"{what}.Shared"),
-                created_at=parse_timestamp(item.get("CreatedAt")),
-                last_used_at=parse_timestamp(item.get("LastUsedAt")),
-                usage_count=_int(item.get("UsageCount", 0), f"{what}.UsageCount"),
-                parents=tuple(str(p) for p in parents),
-                description=str(item.get("Description") or ""),
-            )
-        )
-    return records
-
-
-def _buildctl_record(item: Mapping[str, Any], what: str) -> CacheRecord:
-    if not isinstance(item, Mapping) or "id" not in item:
-        raise ParseError(f"{what}: not a cache record")
-    return CacheRecord(
-        id=str(item["id"]),
-        record_type=str(item.get("recordType") or ""),
-        size=_int(item.get("size", 0), f"{what}.size"),
-        in_use=_bool(item.get("inUse", False), f"{what}.inUse"),
-        shared=_bool(item.get("shared", False), f"{what}.shared"),
-        mutable=_bool(item.get("mutable", False), f"{what}.mutable"),
-        created_at=parse_timestamp(item.get("createdAt")),
-        last_used_at=parse_timestamp(item.get("lastUsedAt")),
-        usage_count=_int(item.get("usageCount", 0), f"{what}.usageCount"),
-        parents=tuple(str(p) for p in (item.get("parents") or ())),
-        description=str(item.get("description") or ""),
-    )
+    return decode.engine_records(df)
 
 
 def parse_buildctl_du_json(text: str) -> list[CacheRecord]:
     """`buildctl du --format json` (or `'{{json .}}'`): one JSON array of records."""
-    try:
-        data = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError as exc:
-        raise ParseError(f"buildctl du: not JSON ({exc.msg} at line {exc.lineno})") from exc
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise ParseError("buildctl du: expected a JSON array")
-    return [_buildctl_record(item, f"buildctl du[{i}]") for i, item in enumerate(data)]
+    return decode.buildctl_records(text)
 
 
 def _verbose_blocks(text: str) -> list[dict[str, str]]:
@@ -312,16 +223,7 @@ def parse_du_sk(text: str) -> int:
 
 def parse_buildctl_prune_json(text: str) -> list[CacheRecord]:
     """`buildctl prune --format json` / `'{{json .}}'`: one JSON record per deleted record and line."""
-    records = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ParseError(f"buildctl prune line {n}: not JSON ({exc.msg})") from exc
-        records.append(_buildctl_record(item, f"buildctl prune line {n}"))
-    return records
+    return decode.buildctl_prune_records(text)
 
 
 def parse_buildctl_prune_table(text: str) -> tuple[list[str], int]:

@@ -10,18 +10,17 @@ import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from buildkit_cache import __version__
 from buildkit_cache.checks import missing_buildctl
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.config import Config, ConfigError
+from buildkit_cache.inventory import Inventory
 
-from .collector import Collector
+from .collect import Collection, collect_once
 from .measurements import intervals
-from .metrics import Exposition, registry_for
-from .store import Store
+from .metrics import Exposition
 
 log = logging.getLogger("exporter")
 PROG = "buildkit-cache-exporter"
@@ -52,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_app(store: Store, cfg: Config, collector: Collector | None = None) -> web.Application:
+def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Application:
+    """The HTTP server; with `run`, the collection runs in the background while it serves."""
     app = web.Application()
-    exposition = Exposition(store, cfg)
+    exposition = Exposition(lambda: collection.snapshot, cfg)
 
     async def metrics(request: web.Request) -> web.Response:
-        body = exposition.render()
         headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
-            body = exposition.gzipped(body)
+        gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        if gzipped:
             headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, headers=headers)
+        return web.Response(body=exposition.render(gzipped), headers=headers)
 
     app.router.add_get("/metrics", metrics)
 
@@ -74,31 +73,26 @@ def make_app(store: Store, cfg: Config, collector: Collector | None = None) -> w
 
     app.router.add_get("/-/healthy", healthy)
     app.router.add_get("/", landing)
-    if collector is not None:
+    if run:
         async def background(app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(collector.run())
+            task = asyncio.create_task(collection.run_forever())
             yield
             task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
                 pass
-            collector.close()
+            collection.close()
 
         app.cleanup_ctx.append(background)
     return app
 
 
 async def _once(cfg: Config) -> int:
-    # Imported here: the server process (below) never loads the Docker SDK, its collector does.
-    from buildkit_cache.inventory import Inventory
-
-    from .scheduler import collect_once
-
-    store = await collect_once(cfg, Inventory(cfg))
-    sys.stdout.write(generate_latest(registry_for(store, cfg)).decode())
-    failed = [f"{h}: {s.error}" for h, s in store.hosts.items() if not s.up]
-    failed += [f"{state.ref} {m}: {r.error}" for state in store.builders.values()
+    snap = await collect_once(cfg, Inventory(cfg))
+    sys.stdout.buffer.write(Exposition(lambda: snap, cfg).render())
+    failed = [f"{h}: {s.error}" for h, s in snap.hosts.items() if not s.up]
+    failed += [f"{state.builder.ref} {m}: {r.error}" for state in snap.builders.values()
                for m, r in state.results.items() if not r.success]
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
@@ -126,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_once(cfg))
     if problem := missing_buildctl(cfg):
         logging.getLogger(PROG).warning("%s", problem)
-    store = Store()
-    app = make_app(store, cfg, Collector(cfg, store, args.log_level))
+    app = make_app(Collection(cfg, Inventory(cfg)), cfg)
     watching = ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts)
     watching += "".join(f", remote {n} ({b.address})" for _h, n, b in cfg.remote_builders())
     return serve(app, PROG, listen, f"serving /metrics on http://{listen[0]}:{listen[1]}, watching {watching}")

@@ -1,4 +1,4 @@
-"""Renders the store into Prometheus metric families on each scrape. No I/O here.
+"""Renders a collection snapshot into Prometheus metric families. No I/O here.
 
 Each measurement renders its own families (`measurements/`); this adds what every builder and host
 has: whether and when each measurement last succeeded, the builder's identity and budget, and the
@@ -20,14 +20,16 @@ from buildkit_cache import __version__
 from buildkit_cache.config import Config
 from buildkit_cache.models import WorkerInfo
 
+from .collect import BuilderState, HostState, Snapshot
 from .measurements import MEASUREMENTS, gc_policy
 from .measurements.base import B, P, gauge, info
-from .store import BuilderState, HostState, Store
 
 
 class CacheCollector(Collector):
-    def __init__(self, store: Store, cfg: Config):
-        self.store = store
+    """prometheus_client's custom collector over whatever snapshot `snapshot()` returns."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], cfg: Config):
+        self.snapshot = snapshot
         self.cfg = cfg
 
     def describe(self) -> list[Metric]:
@@ -35,10 +37,11 @@ class CacheCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield from self.families(self.store.builders, self.store.hosts)  # one consistent snapshot
+        snap = self.snapshot()  # one consistent picture for the whole scrape
+        yield from self.families(snap.builders, snap.hosts)
 
-    def families(self, builders: Mapping[tuple[str, str], BuilderState], hosts: Mapping[str, HostState],
-                 build: bool = True) -> Iterator[Metric]:
+    def families(self, builders: Mapping[tuple[str, str], BuilderState], hosts: Mapping[str, HostState]
+                 ) -> Iterator[Metric]:
         """Every family, with the samples of these builders and hosts (and the build info)."""
         own = [(m, m.families()) for m in MEASUREMENTS]
         success = gauge("measurement_success", "1 if the last run of the measurement succeeded, else 0.", "measurement")
@@ -68,7 +71,7 @@ class CacheCollector(Collector):
                 if r.last_success_timestamp is not None:
                     last_ok.add_metric([*labels, m.name], r.last_success_timestamp)
                 if r.success and r.value is not None:
-                    m.render(families, labels, r.value)
+                    m.render(families, labels, r.value, r.last_success_timestamp or 0.0, self.cfg)
             workers = results.get(gc_policy.MEASUREMENT.name)
             version = workers.value.buildkit_version if workers and isinstance(workers.value, WorkerInfo) else ""
             ref = state.ref
@@ -85,88 +88,42 @@ class CacheCollector(Collector):
 
         build_info = InfoMetricFamily(P + "exporter_build", "The exporter's version and Python version.",
                                       labels=["version", "python_version"])
-        if build:
-            build_info.add_metric([__version__, platform.python_version()], {})
+        build_info.add_metric([__version__, platform.python_version()], {})
 
         for _m, families in own:
             yield from families.values()
         yield from (success, duration, last_ok, budget, host_up, builder_info, host_info, conflicts, build_info)
 
 
-class _Subset(Collector):
-    def __init__(self, families: Callable[[], Iterator[Metric]]):
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return self._families()
-
-
-def _split(text: bytes) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """The text format split by family: [(name, HELP and TYPE lines)] in order, {name: sample lines}."""
-    headers: list[tuple[str, str]] = []
-    samples: dict[str, list[str]] = {}
-    name = ""
-    for line in text.decode().splitlines(keepends=True):
-        if line.startswith("# HELP "):
-            name = line.split(" ", 3)[2]
-            headers.append((name, line))
-            samples[name] = []
-        elif line.startswith("# TYPE "):
-            headers[-1] = (name, headers[-1][1] + line)
-        else:
-            samples[name].append(line)
-    return headers, {k: "".join(v) for k, v in samples.items()}
+def registry_for(snapshot: Callable[[], Snapshot], cfg: Config) -> CollectorRegistry:
+    """A private registry serving the snapshots (no process or platform collectors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CacheCollector(snapshot, cfg))
+    return registry
 
 
 class Exposition:
-    """The text a scrape gets, kept between scrapes: each builder's lines are rendered again only
-    when its state changed (the store swaps in a new state object on every result), so a scrape of
-    200 builders costs a join, not 12,000 samples rendered while collection competes for the CPU."""
+    """The text a scrape gets, rendered again only when the snapshot is another one: at rest that is
+    once a check interval, whatever the scrape rate (gzip kept beside it)."""
 
-    def __init__(self, store: Store, cfg: Config):
-        self.store = store
-        self.collector = CacheCollector(store, cfg)
-        self.headers, _ = _split(self._text({}, {}, False))
-        self._fragments: dict[tuple[str, str], tuple[BuilderState, dict[str, str]]] = {}
-        self._last: tuple[object, object, bytes] | None = None
-        self._gzip: tuple[bytes, bytes] | None = None
+    def __init__(self, snapshot: Callable[[], Snapshot], cfg: Config):
+        self.snapshot = snapshot
+        self.registry = registry_for(snapshot, cfg)
+        self._text: tuple[Snapshot, bytes, bytes | None] | None = None
 
-    def _text(self, builders: Mapping[tuple[str, str], BuilderState], hosts: Mapping[str, HostState],
-              build: bool) -> bytes:
-        return generate_latest(_Subset(lambda: self.collector.families(builders, hosts, build)))
-
-    def render(self) -> bytes:
-        builders, hosts = self.store.builders, self.store.hosts
-        if self._last is not None and self._last[0] is builders and self._last[1] is hosts:
-            return self._last[2]
-        fragments = {}
-        for key, state in sorted(builders.items()):
-            cached = self._fragments.get(key)
-            if cached is None or cached[0] is not state:
-                cached = (state, _split(self._text({key: state}, {}, False))[1])
-            fragments[key] = cached
-        self._fragments = fragments
-        rest = _split(self._text({}, hosts, True))[1]
-        parts = []
-        for name, header in self.headers:
-            parts.append(header)
-            parts.extend(f[1].get(name, "") for f in fragments.values())
-            parts.append(rest.get(name, ""))
-        body = "".join(parts).encode()
-        self._last = (builders, hosts, body)
-        return body
-
-    def gzipped(self, body: bytes) -> bytes:
-        if self._gzip is None or self._gzip[0] is not body:
-            self._gzip = (body, gzip.compress(body, compresslevel=1))
-        return self._gzip[1]
-
-
-def registry_for(store: Store, cfg: Config) -> CollectorRegistry:
-    """A private registry serving the store (no process or platform collectors)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(CacheCollector(store, cfg))
-    return registry
+    def render(self, gzipped: bool = False) -> bytes:
+        snap = self.snapshot()
+        if self._text is None or self._text[0] is not snap:
+            # A scrape between these two lines renders the newer snapshot under the older key: the
+            # next scrape renders again. Never a mixed picture: collect() reads one snapshot.
+            self._text = (snap, generate_latest(self.registry), None)
+        if not gzipped:
+            return self._text[1]
+        snap, text, packed = self._text
+        if packed is None:
+            packed = gzip.compress(text, compresslevel=1)
+            self._text = (snap, text, packed)
+        return packed
 
 
 __all__ = ["CacheCollector", "Exposition", "registry_for", "B"]

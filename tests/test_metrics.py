@@ -1,4 +1,4 @@
-"""The exporter's collector and scheduler: what a scrape shows, and how failures are isolated."""
+"""What a scrape shows of a collection, and how failures are isolated."""
 
 import dataclasses
 import threading
@@ -10,16 +10,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from buildkit_cache import parse
 from buildkit_cache.config import parse_config
+from buildkit_cache.exporter.collect import Collection, HostState, Result, collect_once
 from buildkit_cache.exporter.metrics import Exposition, registry_for
-from buildkit_cache.exporter.scheduler import Scheduler, collect_once
-from buildkit_cache.exporter.store import HostState, Result, Store
 from tests.support.recorded import RecordedBuilder, StaticInventory
 
 F = Path(__file__).parent / "fixtures" / "buildctl"
 H1 = {"url": "unix:///nonexistent/docker.sock", "name": "h1"}  # the recorded builders' host
 
 
-scrape = registry_for
+def scrape(snapshot, cfg):
+    return registry_for(lambda: snapshot, cfg)
 
 
 async def collect(builders, cfg=None):
@@ -88,16 +88,15 @@ async def test_a_hanging_measurement_times_out_as_success_0():
 async def test_last_success_timestamp_survives_a_failure():
     b = RecordedBuilder("kamal")
     cfg = parse_config({})
-    store = Store()
-    s = Scheduler(cfg, StaticInventory([b]), store, clock=lambda: 1000.0)
+    s = Collection(cfg, StaticInventory([b]), clock=lambda: 1000.0)
     try:
         await s.collect_once()
         b.broken.add("records")
         s.clock = lambda: 2000.0
-        await s.collect_once()
+        snap = await s.collect_once()
     finally:
         s.close()
-    reg = scrape(store, cfg)
+    reg = scrape(snap, cfg)
     labels = {"host": "h1", "builder": "kamal", "measurement": "records"}
     assert reg.get_sample_value("buildkit_cache_measurement_success", labels) == 0
     assert reg.get_sample_value("buildkit_cache_measurement_last_success_timestamp_seconds", labels) == 1000.0
@@ -113,32 +112,14 @@ async def test_no_budget_no_budget_series_and_idle_windows_are_labelled_like_dur
         assert reg.get_sample_value("buildkit_cache_idle_bytes", {"host": "h1", "builder": "kamal", "idle_for": w}) is not None
 
 
-def test_store_keeps_results_of_builders_still_there_and_drops_those_gone():
-    store = Store()
-    a, b = RecordedBuilder("a"), RecordedBuilder("b")
-    store.set_host_builders("h1", [a, b])
-    from exporter.store import Result
-    store.set_result(a.ref.key, "records", Result(True, 0.1, value=1, last_success_timestamp=1.0))
-    a2 = RecordedBuilder("a")
-    added, gone = store.set_host_builders("h1", [a2])
-    assert added == [] and [r.name for r in gone] == ["b"]
-    assert store.builders[a.ref.key].results["records"].value == 1
-    assert store.builders[a.ref.key].builder is a2
-    # A builder reached differently (say its container was recreated under another volume) starts afresh.
-    a3 = RecordedBuilder("a")
-    a3.ref = dataclasses.replace(a3.ref, volume="other")
-    added, _ = store.set_host_builders("h1", [a3])
-    assert added == [a3] and store.builders[a.ref.key].results == {}
-
-
 async def test_when_the_cache_shrinks_its_volume_and_filesystem_are_measured_again_at_once():
     import asyncio
 
     b = RecordedBuilder("kamal")
     slow = {k: "1h" for k in ("discovery", "gc_policy", "state_volume", "filesystem")}
     cfg = parse_config({"docker_hosts": [H1], "exporter": {"intervals": {**slow, "records": "100ms"}}})
-    s = Scheduler(cfg, StaticInventory([b]), Store())
-    task = asyncio.create_task(s.run_forever(tick=0.02))
+    s = Collection(cfg, StaticInventory([b]))
+    task = asyncio.create_task(s.run_forever())
     try:
         for _ in range(100):
             if b.calls.get("records", 0) >= 3:
@@ -157,23 +138,26 @@ async def test_when_the_cache_shrinks_its_volume_and_filesystem_are_measured_aga
         s.close()
 
 
-async def test_the_served_text_is_the_full_render_and_only_changed_builders_are_rendered_again():
+async def test_the_served_text_is_rendered_again_only_for_another_snapshot():
     cfg = parse_config({"docker_hosts": [H1], "builders": {"kamal": {"budget": "30MB"}}})
     builders = [RecordedBuilder(n) for n in ("kamal", "ci", "ci1", "zeta")] + [RecordedBuilder("x", broken={"records"})]
-    store = await collect_once(cfg, StaticInventory(builders))
-    store.set_host("h1", HostState(True, version="28.5.2", api_version="1.51"))
-    expo = Exposition(store, cfg)
+    s = Collection(cfg, StaticInventory(builders))
+    try:
+        await s.collect_once()
+    finally:
+        s.close()
+    s.snapshot = dataclasses.replace(s.snapshot, hosts={"h1": HostState(True, version="28.5.2", api_version="1.51")})
+    expo = Exposition(lambda: s.snapshot, cfg)
     first = expo.render()
-    assert first == generate_latest(registry_for(store, cfg))
+    assert first == generate_latest(registry_for(lambda: s.snapshot, cfg))
     assert expo.render() is first  # nothing changed: the same bytes
-    before = dict(expo._fragments)
-    store.set_result(("h1", "ci"), "state_volume", Result(False, 0.5, error="gone"))
+    s._set_result(("h1", "ci"), "state_volume", Result(False, 0.5, error="gone"))
     second = expo.render()
-    assert second == generate_latest(registry_for(store, cfg)) != first
-    again = [k for k in before if expo._fragments[k][1] is not before[k][1]]
-    assert again == [("h1", "ci")]
+    assert second == generate_latest(registry_for(lambda: s.snapshot, cfg)) != first
     fams = {f.name: f for f in text_string_to_metric_families(second.decode())}
     assert {"buildkit_cache_state_volume_size_bytes", "buildkit_cache_docker_host_info"} <= set(fams)
+    import gzip
+    assert gzip.decompress(expo.render(gzipped=True)) == second
 
 
 class _Walker(RecordedBuilder):

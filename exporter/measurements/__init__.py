@@ -19,12 +19,15 @@ BY_NAME: Mapping[str, Measurement[Any]] = {m.name: m for m in MEASUREMENTS}
 
 DISCOVERY = "discovery"
 DISCOVERY_INTERVAL = 30.0
+REFRESH = "refresh"  # everything is measured again at least this often, changed or not
+REFRESH_INTERVAL = 600.0
 
 
 def intervals(cfg: Config) -> dict[str, float]:
-    """How often discovery and each measurement run: the config's `exporter.intervals` over each
-    measurement's own default. A name that is neither is a config error naming the key."""
-    defaults = {DISCOVERY: DISCOVERY_INTERVAL, **{m.name: m.interval for m in MEASUREMENTS}}
+    """How often discovery runs, the least time between runs of each measurement, and the safety
+    refresh: the config's `exporter.intervals` over the defaults. An unknown name is a config error
+    naming the key."""
+    defaults = {DISCOVERY: DISCOVERY_INTERVAL, REFRESH: REFRESH_INTERVAL, **{m.name: m.interval for m in MEASUREMENTS}}
     for name in cfg.exporter.intervals:
         if name not in defaults:
             close = difflib.get_close_matches(name, list(defaults), n=1)
@@ -34,4 +37,4 @@ def intervals(cfg: Config) -> dict[str, float]:
     return {**defaults, **cfg.exporter.intervals}
 
 
-__all__ = ["MEASUREMENTS", "BY_NAME", "Families", "Measurement", "intervals"]
+__all__ = ["MEASUREMENTS", "BY_NAME", "DISCOVERY", "REFRESH", "Families", "Measurement", "intervals"]

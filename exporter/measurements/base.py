@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
-    from buildkit_cache.builders import Builder
-
 from abc import ABC, abstractmethod
 from typing import Any, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
-from buildkit_cache.models import BuilderLike
 
 P = "buildkit_cache_"
 B = ["host", "builder"]
@@ -32,17 +27,18 @@ def info(name: str, doc: str, *labels: str) -> InfoMetricFamily:
 
 
 class Measurement(ABC, Generic[T]):
-    """One thing measured on a builder, in the background, on its own interval."""
+    """One thing measured on a builder, in the background: when the builder changed, no sooner than
+    its interval, and at every safety refresh (exporter/collect.py)."""
 
     name: str  # the `measurement` label, and its key under exporter.intervals
-    interval: float  # seconds between runs unless the config says otherwise
+    interval: float  # the least time between runs unless the config says otherwise
     invalidates: tuple[str, ...] = ()  # measurements to run again at once when this one shrank
 
     def shrank(self, before: T, after: T) -> bool:
         """Whether the thing measured got smaller between two successful runs."""
         return False
 
-    def applies(self, builder: BuilderLike) -> bool:
+    def applies(self, builder: Builder) -> bool:
         return self.name in builder.measurements
 
     @abstractmethod
@@ -54,5 +50,5 @@ class Measurement(ABC, Generic[T]):
         """Fresh, empty metric families for one scrape."""
 
     @abstractmethod
-    def render(self, families: Families, labels: list[str], value: T) -> None:
-        """Add one builder's value (a successful run's) to the families."""
+    def render(self, families: Families, labels: list[str], value: T, as_of: float, cfg: Config) -> None:
+        """Add one builder's value (a successful run's, still right `as_of` that Unix time) to the families."""

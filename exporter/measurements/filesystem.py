@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
-    from buildkit_cache.builders import Builder
-
+from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.models import FILESYSTEM, FilesystemUsage
 
@@ -29,7 +25,7 @@ class Filesystem(Measurement[FilesystemUsage]):
             "files_free": gauge("filesystem_files_free", "Free inodes of the filesystem holding the builder's state."),
         }
 
-    def render(self, families: Families, labels: list[str], value: FilesystemUsage) -> None:
+    def render(self, families: Families, labels: list[str], value: FilesystemUsage, as_of: float, cfg: Config) -> None:
         families["size"].add_metric(labels, value.size_bytes)
         families["avail"].add_metric(labels, value.avail_bytes)
         families["files"].add_metric(labels, value.files)

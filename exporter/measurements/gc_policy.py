@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
-    from buildkit_cache.builders import Builder
-
+from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.models import GC_POLICY, WorkerInfo
 
@@ -35,7 +31,7 @@ class GCPolicy(Measurement[WorkerInfo]):
                          "rule", "all", "filters"),
         }
 
-    def render(self, families: Families, labels: list[str], value: WorkerInfo) -> None:
+    def render(self, families: Families, labels: list[str], value: WorkerInfo, as_of: float, cfg: Config) -> None:
         families["enabled"].add_metric(labels, 1.0 if value.gc_enabled else 0.0)
         for i, rule in enumerate(value.gc_rules):
             rl = [*labels, str(i)]

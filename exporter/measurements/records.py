@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
-    from buildkit_cache.builders import Builder
-
-from datetime import UTC, datetime
-
+from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME
 from buildkit_cache.units import format_duration
@@ -27,7 +21,7 @@ class Records(Measurement[UsageSummary]):
 
     def run(self, builder: Builder, cfg: Config) -> UsageSummary:
         # Keep the summary, not the records: a busy builder has tens of thousands.
-        return builder.usage(datetime.now(UTC), cfg.exporter.idle_windows)
+        return builder.usage()
 
     def families(self) -> Families:
         return {
@@ -39,11 +33,12 @@ class Records(Measurement[UsageSummary]):
                           "frontend) unused for at least idle_for: what a prune with until=idle_for frees.", "idle_for"),
         }
 
-    def render(self, families: Families, labels: list[str], value: UsageSummary) -> None:
+    def render(self, families: Families, labels: list[str], value: UsageSummary, as_of: float, cfg: Config) -> None:
         for (rtype, state), (count, size) in sorted(value.by_type_state.items()):
             families["records"].add_metric([*labels, rtype, state], count)
             families["size"].add_metric([*labels, rtype, state], size)
-        for window, size in sorted(value.idle_bytes.items()):
+        # Idle bytes age with the clock: from what the last answer left, as of the last check.
+        for window, size in sorted(value.idle_bytes(as_of, cfg.exporter.idle_windows).items()):
             families["idle"].add_metric([*labels, format_duration(window)], size)
 
 

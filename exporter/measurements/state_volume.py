@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the server process renders builders without loading the Docker SDK
-    from buildkit_cache.builders import Builder
-
+from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
 from buildkit_cache.models import STATE_VOLUME, TreeUsage
 
@@ -27,7 +23,7 @@ class StateVolume(Measurement[TreeUsage]):
                            "Files, directories and links in the builder's state volume (inodes it uses)."),
         }
 
-    def render(self, families: Families, labels: list[str], value: TreeUsage) -> None:
+    def render(self, families: Families, labels: list[str], value: TreeUsage, as_of: float, cfg: Config) -> None:
         families["size"].add_metric(labels, value.bytes)
         families["files"].add_metric(labels, value.files)
 

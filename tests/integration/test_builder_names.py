@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from buildkit_cache.config import parse_config
-from buildkit_cache.exporter import scheduler
+from buildkit_cache.exporter.collect import collect_once as collect_snapshot
 from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
 from lab.procs import wait_for
@@ -28,7 +28,7 @@ def colliding(dockerd, builder_image):
 
 async def test_colliding_names_are_told_apart_by_their_nodes(dockerd, colliding):
     cfg = parse_config({"docker_hosts": [{"url": dockerd.url, "name": "test"}]})
-    store = await scheduler.collect_once(cfg, Inventory(cfg))
+    store = await collect_snapshot(cfg, Inventory(cfg))
     reg = registry_for(store, cfg)
     for name, container in (("ci1", "buildx_buildkit_ci1"), ("ci10", "buildx_buildkit_ci10")):
         assert store.builders[("test", name)].ref.container == container

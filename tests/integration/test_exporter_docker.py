@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from buildkit_cache.config import parse_config
-from buildkit_cache.exporter import scheduler
+from buildkit_cache.exporter.collect import collect_once as collect_snapshot
 from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
 from buildkit_cache.models import RECORD_TYPES, STATES
@@ -28,7 +28,7 @@ def config_for(dockerd, **extra):
 
 
 async def collect_once(cfg):
-    store = await scheduler.collect_once(cfg, Inventory(cfg))
+    store = await collect_snapshot(cfg, Inventory(cfg))
     return store, registry_for(store, cfg)
 
 

@@ -11,7 +11,7 @@ import pytest
 from buildkit_cache.config import parse_config
 from buildkit_cache.docker_api import DockerHost
 from buildkit_cache.errors import Unavailable
-from buildkit_cache.exporter import scheduler
+from buildkit_cache.exporter.collect import collect_once as collect_snapshot
 from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
 from lab.procs import Service, free_port, http_get, wait_for
@@ -36,7 +36,7 @@ async def test_an_ssh_host_is_measured_through_sshd(build_cache, builder_image, 
     try:
         monkeypatch.setenv("PATH", sshd.path)
         cfg = parse_config({"docker_hosts": [{"url": sshd.url, "name": "remote"}]})
-        store = await scheduler.collect_once(cfg, Inventory(cfg))
+        store = await collect_snapshot(cfg, Inventory(cfg))
         reg = registry_for(store, cfg)
     finally:
         dockerd.cli("rm", "-f", container, check=False)

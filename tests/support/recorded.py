@@ -22,7 +22,7 @@ F = Path(__file__).resolve().parent.parent / "fixtures" / "buildctl"
 class RecordedBuilder(Builder):
     measurements = ("records", "gc_policy", "state_volume", "filesystem")
 
-    def __init__(self, name, host="h1", broken=(), hang=None, prune_seconds=0.0, short_prunes=False):
+    def __init__(self, name, host="h1", broken=(), hang=None, prune_seconds=0.0, short_prunes=False, state_dir=None):
         super().__init__(BuilderRef(host, name, DRIVER_CONTAINER, container=f"buildx_buildkit_{name}0",
                                     volume=f"buildx_buildkit_{name}0_state"))
         self.broken = set(broken)
@@ -37,6 +37,15 @@ class RecordedBuilder(Builder):
         self.max_running = 0
         self.calls: dict[str, int] = {}
         self._lock = threading.Lock()
+        # Where its BuildKit's databases are, if the exporter is to see its changes (a tmp folder).
+        self.dir = state_dir
+        self.container_state = "running"
+
+    def state_dir(self):
+        return str(self.dir) if self.dir is not None else None
+
+    def identity(self):
+        return (self.ref.container, self.container_state)
 
     def _check(self, m):
         self.calls[m] = self.calls.get(m, 0) + 1
@@ -87,5 +96,8 @@ class StaticInventory:
     def __init__(self, builders):
         self.hosts = {}
         self.remotes = list(builders)
+
+    def discover(self, host, info=None):
+        raise AssertionError("a static inventory has no Docker hosts")
 
 

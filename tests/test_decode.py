@@ -1,5 +1,5 @@
-"""The exporter's quick path (bulk.py) summarises exactly what the full parsers and usage.summarize
-do, on every recorded engine and buildctl answer and on generated records, and refuses what they refuse."""
+"""The exporter's quick decoders (decode.py) give usage.summarize exactly what the full parsers give it,
+on every recorded engine and buildctl answer and on generated records, and refuse what they refuse."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from buildkit_cache import bulk, parse
+from buildkit_cache import decode, parse
 from buildkit_cache.usage import summarize
 
 F = Path(__file__).resolve().parent / "fixtures"
@@ -30,14 +30,14 @@ def outcome(fn):
 @pytest.mark.parametrize("fresh", [False, True])
 def test_engine_answers_summarise_the_same(path, fresh):
     raw = path.read_bytes()
-    full = outcome(lambda: summarize(parse.parse_engine_build_cache(json.loads(raw)), NOW, WINDOWS, fresh))
-    quick = outcome(lambda: bulk.summarize_rows(bulk.engine_rows(raw), NOW, WINDOWS, fresh))
+    full = outcome(lambda: summarize(parse.parse_engine_build_cache(json.loads(raw)), fresh))
+    quick = outcome(lambda: summarize(decode.engine_rows(raw), fresh))
     assert quick == full
 
 
 def test_the_recorded_engine_answers_include_records_and_a_refusal():
     """So that the test above compares summaries with records in them, and an error too."""
-    results = [outcome(lambda p=p: bulk.engine_rows(p.read_bytes())) for p in ENGINE_FILES]
+    results = [outcome(lambda p=p: decode.engine_rows(p.read_bytes())) for p in ENGINE_FILES]
     assert any(isinstance(r, list) and len(r) > 5 for r in results)
     assert ("error", parse.ParseError) in results
 
@@ -45,8 +45,8 @@ def test_the_recorded_engine_answers_include_records_and_a_refusal():
 @pytest.mark.parametrize("name", ["du.json", "du.go-template-json.txt"])
 def test_buildctl_answers_summarise_the_same(name):
     raw = (F / "buildctl" / name).read_bytes()
-    full = summarize(parse.parse_buildctl_du_json(raw.decode()), NOW, WINDOWS)
-    assert bulk.summarize_rows(bulk.buildctl_rows(raw), NOW, WINDOWS) == full
+    full = summarize(parse.parse_buildctl_du_json(raw.decode()))
+    assert summarize(decode.buildctl_rows(raw)) == full
     assert full.total_records > 5
 
 
@@ -64,9 +64,10 @@ def test_generated_records_summarise_the_same():
             item["LastUsedAt"] = when
         items.append(item)
     raw = json.dumps({"BuildCache": items}).encode()
-    full = summarize(parse.parse_engine_build_cache(json.loads(raw)), NOW, WINDOWS)
-    assert bulk.summarize_rows(bulk.engine_rows(raw), NOW, WINDOWS) == full
-    assert full.idle_bytes[60.0] > full.idle_bytes[86400.0] > 0
+    full = summarize(parse.parse_engine_build_cache(json.loads(raw)))
+    assert summarize(decode.engine_rows(raw)) == full
+    idle = full.idle_bytes(NOW, WINDOWS)
+    assert idle[60.0] > idle[86400.0] > 0
 
 
 @pytest.mark.parametrize("item, where", [
@@ -77,6 +78,6 @@ def test_generated_records_summarise_the_same():
 ])
 def test_wrong_types_are_errors_that_name_the_field(item, where):
     with pytest.raises(parse.ParseError, match=rf"BuildCache\[1\].*{where}|{where}.*BuildCache\[1\]"):
-        bulk.engine_rows(json.dumps({"BuildCache": [{"ID": "ok"}, item]}).encode())
+        decode.engine_rows(json.dumps({"BuildCache": [{"ID": "ok"}, item]}).encode())
     with pytest.raises(parse.ParseError):
         parse.parse_engine_build_cache({"BuildCache": [{"ID": "ok"}, item]})

@@ -1,0 +1,360 @@
+"""Collection: what every builder and host looks like now, measured only when it changed.
+
+Every check interval (`exporter.intervals.records`, 30 s) each builder is checked before it is
+asked anything: its state directory's databases are stat'ed (BuildKit writes them whenever records
+are added, used, pruned or collected; `fs.databases_fingerprint`), along with its container's id and
+state and its host's reachability. Unchanged, nothing is asked of Docker or BuildKit: no `docker
+exec`, no `/system/df`, no walk; idle bytes, which age with the clock, are recomputed from what the
+last answer left (`usage.IdleIndex`). Changed, each measurement runs again, no sooner than its own
+interval. A safety refresh (`exporter.intervals.refresh`, 10 min) measures everything anyway.
+Builders whose state directory this process cannot see (ssh and tcp hosts without `host_root`,
+remote buildkitd) are measured on their intervals, as before.
+
+A builder's measurements run one after another, builders side by side on a bounded thread pool;
+the event loop only swaps in a new frozen `Snapshot`, which scrapes render (metrics.py). `--once`,
+the server and the tests go through this same path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from buildkit_cache.builders import Builder
+from buildkit_cache.checks import unmatched_builder_settings
+from buildkit_cache.config import Config
+from buildkit_cache.errors import BuilderError, Unavailable
+from buildkit_cache.fs import Fingerprint, databases_fingerprint
+from buildkit_cache.inventory import BuilderSource
+from buildkit_cache.models import FILESYSTEM, RECORDS, BuilderRef
+
+from .measurements import BY_NAME, DISCOVERY, REFRESH, Measurement, intervals
+
+log = logging.getLogger("exporter")
+T = TypeVar("T")
+
+Key = tuple[str, str]  # (host, builder)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measurement's last run: its value if it succeeded, how long it took, and when it was last
+    known right (a success, or a check that found nothing changed since one)."""
+
+    success: bool
+    duration_seconds: float
+    value: Any = None
+    error: str = ""
+    last_success_timestamp: float | None = None
+
+
+@dataclass(frozen=True)
+class BuilderState:
+    builder: Builder
+    results: Mapping[str, Result] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> BuilderRef:
+        return self.builder.ref
+
+
+@dataclass(frozen=True)
+class HostState:
+    up: bool
+    error: str = ""
+    version: str = ""
+    api_version: str = ""
+    renamed: tuple[str, ...] = ()  # builders named after their nodes to tell them apart
+    refused: tuple[str, ...] = ()  # containers or volumes left out: their builder name is not theirs alone
+    unmatched: tuple[str, ...] = ()  # builder settings of the config that match no builder here
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a scrape shows: replaced whole on every change, never changed in place."""
+
+    builders: Mapping[Key, BuilderState] = field(default_factory=dict)
+    hosts: Mapping[str, HostState] = field(default_factory=dict)
+
+
+@dataclass
+class _Mark:
+    """What the collection remembers of one measurement of one builder between checks."""
+
+    ran: float = float("-inf")  # monotonic time of the last run
+    seen: Fingerprint | tuple[Any, ...] | None = None  # the builder's fingerprint when it last succeeded
+
+
+class Collection:
+    """Discovers builders and measures them; `snapshot` is always the latest whole picture."""
+
+    def __init__(self, cfg: Config, source: BuilderSource, *, clock: Callable[[], float] = time.time,
+                 workers: int = 8):
+        self.cfg = cfg
+        self.source = source
+        self.intervals = intervals(cfg)
+        self.clock = clock
+        self.snapshot = Snapshot({r.ref.key: BuilderState(r) for r in source.remotes}, {})
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collect")
+        self._marks: dict[tuple[Key, str], _Mark] = {}
+        self._walks: dict[str, threading.Lock] = {h: threading.Lock() for h in source.hosts}
+        self._running: dict[tuple[str, ...], asyncio.Task[None]] = {}
+        self._due: dict[tuple[str, ...], float] = {}
+        self._blind: set[Key] = set()  # builders told to be measured on intervals (said once)
+
+    # -- the snapshot ---------------------------------------------------------------------------
+
+    def _set_builder(self, key: Key, state: BuilderState | None) -> None:
+        builders = dict(self.snapshot.builders)
+        if state is None:
+            builders.pop(key, None)
+        else:
+            builders[key] = state
+        self.snapshot = replace(self.snapshot, builders=builders)
+
+    def _set_result(self, key: Key, measurement: str, result: Result) -> None:
+        state = self.snapshot.builders.get(key)
+        if state is None:
+            return  # the builder left while it was being measured
+        previous = state.results.get(measurement)
+        if not result.success and previous is not None:
+            result = replace(result, last_success_timestamp=previous.last_success_timestamp)
+        self._set_builder(key, replace(state, results={**state.results, measurement: result}))
+
+    def _confirm(self, key: Key, measurements: Sequence[str]) -> None:
+        """The check found nothing changed: these figures are still right as of now."""
+        state = self.snapshot.builders.get(key)
+        if state is None or not measurements:
+            return
+        now = self.clock()
+        results = dict(state.results)
+        for m in measurements:
+            r = results.get(m)
+            if r is not None and r.success:
+                results[m] = replace(r, last_success_timestamp=now)
+        self._set_builder(key, replace(state, results=results))
+
+    # -- work off the loop ----------------------------------------------------------------------
+
+    async def _in_thread(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(self._pool, fn), self.cfg.exporter.timeout)
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    async def discover(self, host: str) -> None:
+        """List the builders of one Docker host; keep what is known of those still there."""
+        def work() -> tuple[list[Builder], HostState]:
+            docker = self.source.hosts[host]
+            info = docker.info()
+            found = self.source.discover(host, info)
+            unmatched = unmatched_builder_settings(self.cfg, {host: [b.ref.name for b in found.builders]})
+            return found.builders, HostState(True, version=str(info.get("ServerVersion", "")),
+                                             api_version=docker.api_version, renamed=found.renamed,
+                                             refused=found.refused, unmatched=tuple(unmatched))
+
+        previous = self.snapshot.hosts.get(host)
+        try:
+            builders, state = await self._in_thread(work)
+        except (TimeoutError, BuilderError) as exc:
+            message = str(exc) or f"no answer within {self.cfg.exporter.timeout:g}s"
+            if previous is None or previous.up:
+                log.warning("docker host %s: discovery failed: %s", host, message)
+            # Keep the builders known: their next check sees the host down and measures, and fails.
+            self.snapshot = replace(self.snapshot, hosts={**self.snapshot.hosts, host: HostState(False, error=message)})
+            return
+        if previous is not None and not previous.up:
+            log.info("docker host %s: reachable again", host)
+        said = set(previous.renamed + previous.refused + previous.unmatched) if previous else set()
+        for level, lines, where in ((logging.WARNING, state.unmatched, self.cfg.source),
+                                    (logging.WARNING, state.renamed, f"docker host {host}"),
+                                    (logging.ERROR, state.refused, f"docker host {host}")):
+            for line in lines:
+                if line not in said:
+                    log.log(level, "%s: %s", where, line)
+        self.snapshot = replace(self.snapshot, hosts={**self.snapshot.hosts, host: state})
+        self._replace_builders(host, builders)
+
+    def _replace_builders(self, host: str, builders: list[Builder]) -> None:
+        current = {k: v for k, v in self.snapshot.builders.items() if k[0] == host and v.builder.ref.driver != "remote"}
+        updated = {k: v for k, v in self.snapshot.builders.items() if k not in current}
+        for b in builders:
+            old = current.get(b.ref.key)
+            if old is None or old.builder.ref != b.ref:
+                log.info("found builder %s (%s)", b.ref, b.describe())
+                self._forget(b.ref.key)
+                updated[b.ref.key] = BuilderState(b)
+            else:  # the same builder: its results stay, the fresh object (container state) is taken
+                updated[b.ref.key] = replace(old, builder=b)
+        for key, gone in current.items():
+            if key not in updated:
+                log.info("builder %s is gone", gone.builder.ref)
+                self._forget(key)
+        self.snapshot = replace(self.snapshot, builders=updated)
+
+    def _forget(self, key: Key) -> None:
+        for mk in [mk for mk in self._marks if mk[0] == key]:
+            del self._marks[mk]
+        self._blind.discard(key)
+
+    # -- checks and measurements ----------------------------------------------------------------
+
+    def fingerprint(self, builder: Builder) -> tuple[Any, ...] | None:
+        """What says whether the builder changed, or None where this process cannot tell."""
+        state_dir = builder.state_dir()
+        dbs = databases_fingerprint(state_dir) if state_dir else None
+        if not dbs:  # no databases seen (not visible, or not a state directory): cannot tell
+            return None
+        host = self.snapshot.hosts.get(builder.ref.host)
+        return (host.up if host else True, builder.identity(), dbs)
+
+    def _is_due(self, key: Key, m: Measurement[Any], fp: tuple[Any, ...] | None, now: float, force: bool) -> bool:
+        mark = self._marks.get((key, m.name))
+        if force or mark is None:
+            return True
+        since = now - mark.ran
+        if since >= self.intervals[REFRESH]:
+            return True
+        if since < self.intervals[m.name]:
+            return False
+        # Unchanged since its last success: nothing to ask. The filesystem (statvfs where the state
+        # is visible) costs nothing and sees what else fills the disk: it runs on its interval.
+        return fp is None or fp != mark.seen or m.name == FILESYSTEM
+
+    async def check(self, builder: Builder, force: bool = False) -> None:
+        """Measure what is due on one builder: everything when `force`, else what changed."""
+        key = builder.ref.key
+        fp = await self._in_thread(lambda: self.fingerprint(builder))
+        if fp is None and key not in self._blind and not force:
+            self._blind.add(key)
+            log.info("builder %s: its state directory is not visible here; measured on every interval", builder.ref)
+        now = time.monotonic()
+        due = [BY_NAME[m] for m in builder.measurements if self._is_due(key, BY_NAME[m], fp, now, force)]
+        if fp is not None:  # what did not change is still right; where we cannot tell, it is only old
+            self._confirm(key, [m for m in builder.measurements if BY_NAME[m] not in due])
+        for m in due:
+            before = self._result(key, m.name)
+            ok = await self.measure(builder, m)
+            mark = self._marks.setdefault((key, m.name), _Mark())
+            mark.ran = now
+            if not ok:
+                mark.seen = None
+                continue
+            if m.name == RECORDS:
+                # The engine's own write while it answered (it marks cache mounts used) is no change:
+                # whatever had seen the fingerprint from before the answer now has the one after it.
+                after = await self._in_thread(lambda: self.fingerprint(builder))
+                for (k, _), seen in self._marks.items():
+                    if k == key and seen.seen == fp:
+                        seen.seen = after
+                fp = after
+                value = self._result(key, m.name)
+                if before is not None and before.success and value is not None and m.shrank(before.value, value.value):
+                    for stale in m.invalidates:  # a prune or GC: what depends on its size is stale now
+                        self._marks.pop((key, stale), None)
+            mark.seen = fp
+
+    def _result(self, key: Key, measurement: str) -> Result | None:
+        state = self.snapshot.builders.get(key)
+        return state.results.get(measurement) if state else None
+
+    async def measure(self, builder: Builder, m: Measurement[Any]) -> bool:
+        """Run one measurement in a worker thread, store its result; True if it succeeded."""
+        def work() -> tuple[Any, float]:
+            # Walks of one host's disk take turns (Builder.heavy_io); the wait is not the duration.
+            lock = self._walks.setdefault(builder.ref.host, threading.Lock()) if builder.heavy_io(m.name) else None
+            if lock is not None and not lock.acquire(timeout=self.cfg.exporter.timeout):
+                raise Unavailable(f"{builder.ref}: another walk of host {builder.ref.host}'s disk took the whole "
+                                  f"{self.cfg.exporter.timeout:g}s")
+            try:
+                began = time.monotonic()
+                return m.run(builder, self.cfg), time.monotonic() - began
+            finally:
+                if lock is not None:
+                    lock.release()
+
+        started = time.monotonic()
+        try:
+            value, took = await self._in_thread(work)
+        except (TimeoutError, BuilderError, OSError) as exc:
+            message = str(exc) or f"no answer within {self.cfg.exporter.timeout:g}s"
+            last = self._result(builder.ref.key, m.name)
+            if last is None or last.success or last.error != message:
+                log.warning("builder %s: %s failed: %s", builder.ref, m.name, message)
+            self._set_result(builder.ref.key, m.name, Result(False, time.monotonic() - started, error=message))
+            return False
+        except Exception:  # a bug in one measurement must not stop the others
+            log.exception("builder %s: %s failed unexpectedly", builder.ref, m.name)
+            self._set_result(builder.ref.key, m.name, Result(False, time.monotonic() - started, error="internal error"))
+            return False
+        log.debug("builder %s: %s measured in %.3fs", builder.ref, m.name, took)
+        self._set_result(builder.ref.key, m.name, Result(True, took, value=value, last_success_timestamp=self.clock()))
+        return True
+
+    # -- passes ---------------------------------------------------------------------------------
+
+    async def collect_once(self) -> Snapshot:
+        """Discover every host, then measure every builder fully: what `--once` prints."""
+        await asyncio.gather(*(self.discover(h) for h in self.source.hosts))
+        await asyncio.gather(*(self.check(s.builder, force=True) for s in list(self.snapshot.builders.values())))
+        return self.snapshot
+
+    def _jobs(self) -> dict[tuple[str, ...], tuple[float, Callable[[], Any]]]:
+        jobs: dict[tuple[str, ...], tuple[float, Callable[[], Any]]] = {}
+        for h in self.source.hosts:
+            jobs[("discover", h)] = (self.intervals[DISCOVERY], functools.partial(self.discover, h))
+        for key, state in self.snapshot.builders.items():
+            jobs[("check", *key)] = (self.intervals[RECORDS], functools.partial(self.check, state.builder))
+        return jobs
+
+    async def run_forever(self) -> None:
+        """Start each job when it is due and not running; sleep until the next is due. Never returns."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        try:
+            while True:
+                now = time.monotonic()
+                jobs = self._jobs()
+                for job, (interval, start) in jobs.items():
+                    if job in self._running or self._due.get(job, 0.0) > now:
+                        continue
+                    self._due[job] = now + interval
+                    task = loop.create_task(start(), name="/".join(job))
+                    self._running[job] = task
+                    task.add_done_callback(functools.partial(self._done, job, wake))
+                for job in [j for j in self._due if j not in jobs]:
+                    del self._due[job]
+                # A discovery that found a builder ends and wakes the loop, which checks it at once.
+                pending = [d for j, d in self._due.items() if j not in self._running]
+                delay = max(0.05, min(pending, default=now + 60) - time.monotonic())
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), delay)
+                except TimeoutError:
+                    pass
+        finally:
+            for task in list(self._running.values()):
+                task.cancel()
+
+    def _done(self, job: tuple[str, ...], wake: asyncio.Event, _task: asyncio.Task[None]) -> None:
+        self._running.pop(job, None)
+        wake.set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def collect_once(cfg: Config, source: BuilderSource) -> Snapshot:
+    """Discover and measure everything once (`--once`, and the tests)."""
+    collection = Collection(cfg, source)
+    try:
+        return await collection.collect_once()
+    finally:
+        collection.close()
