@@ -37,6 +37,11 @@ def load_config(prog: str, path: str | None, listen_flag: str | None, default_li
     except ValueError as exc:
         print(f"{prog}: --listen: {exc}", file=sys.stderr)
         raise Exit(2) from None
+    if not any(h.url.startswith("ssh://") for h in cfg.docker_hosts):
+        # The Docker SDK imports paramiko, and with it cryptography (16 MB of the exporter's ~60), as
+        # it is imported, for ssh:// hosts alone: without one, its import is declined (the SDK then
+        # leaves ssh:// support out, as when paramiko is not installed).
+        sys.modules.setdefault("paramiko", None)  # type: ignore[arg-type]
     return cfg, listen
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -16,11 +17,11 @@ from buildkit_cache import __version__
 from buildkit_cache.checks import missing_buildctl
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.config import Config, ConfigError
-from buildkit_cache.inventory import Inventory
 
-from .collect import Collection, collect_once
 from .measurements import intervals
-from .metrics import Exposition
+
+if TYPE_CHECKING:
+    from .collect import Collection
 
 log = logging.getLogger("exporter")
 PROG = "buildkit-cache-exporter"
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Application:
     """The HTTP server; with `run`, the collection runs in the background while it serves."""
+    from .metrics import Exposition
+
     app = web.Application()
     exposition = Exposition(lambda: collection.snapshot, cfg)
 
@@ -89,6 +92,11 @@ def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Appli
 
 
 async def _once(cfg: Config) -> int:
+    from buildkit_cache.inventory import Inventory
+
+    from .collect import collect_once
+    from .metrics import Exposition
+
     snap = await collect_once(cfg, Inventory(cfg))
     sys.stdout.buffer.write(Exposition(lambda: snap, cfg).render())
     failed = [f"{h}: {s.error}" for h, s in snap.hosts.items() if not s.up]
@@ -120,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_once(cfg))
     if problem := missing_buildctl(cfg):
         logging.getLogger(PROG).warning("%s", problem)
+    # The Docker SDK is imported from here on, once the config said whether ssh:// support is needed.
+    from buildkit_cache.inventory import Inventory
+
+    from .collect import Collection
+
     app = make_app(Collection(cfg, Inventory(cfg)), cfg)
     watching = ", ".join(f"{h.name} ({h.url})" for h in cfg.docker_hosts)
     watching += "".join(f", remote {n} ({b.address})" for _h, n, b in cfg.remote_builders())

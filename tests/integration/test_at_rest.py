@@ -1,0 +1,90 @@
+"""At rest the exporter asks nothing; a build shows within one records interval (exporter/collect.py).
+
+On every engine of the matrix: the embedded builder with real builds (cache mounts included, which
+the engine marks used whenever it computes disk usage: its own write must not read as a change) and
+a buildx-like builder container whose `buildctl` logs each call. After the first collection, idle
+intervals bring no `docker exec` into the builder and no `/system/df`; then a real build, or a write
+to the builder's databases, is measured within one interval, and the figures equal the engine's."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lab.engines import write_build_context
+from lab.procs import Service, free_port, http_get, samples, value, wait_for
+from tests.conftest import engine_get
+from tests.support import builder_container
+
+pytestmark = pytest.mark.integration
+
+INTERVAL = 1.0
+
+
+def buildctl_calls(dockerd, container: str) -> list[str]:
+    out = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls", check=False).stdout.decode()
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def measured(svc: Service, builder: str, measurement: str) -> int:
+    return svc.output().count(f"builder test/{builder}: {measurement} measured in")
+
+
+def engine_total(dockerd) -> int:
+    return sum(r["Size"] for r in engine_get(dockerd, "/system/df").get("BuildCache") or [])
+
+
+def test_at_rest_nothing_is_asked_and_a_build_shows_within_one_interval(dockerd, build_cache, builder_image,
+                                                                         tmp_path):
+    container, volume = builder_container.start_builder(dockerd, "rest0")
+    builder_container.fill_state(dockerd, container)  # its cache.db among real files
+    port = free_port()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"""
+docker_hosts: [{{url: '{dockerd.url}', name: test, timeout: 5s}}]
+exporter:
+  listen: 127.0.0.1:{port}
+  intervals: {{discovery: 1s, records: 1s, gc_policy: 1s, filesystem: 1s, state_volume: 1s, refresh: 1h}}
+""")
+    svc = Service("buildkit_cache.exporter", ["--config", str(cfg), "--log-level", "debug"], tmp_path / "exporter.log")
+    url = f"http://127.0.0.1:{port}/metrics"
+    L = {"host": "test"}
+    try:
+        def total(builder: str) -> float:
+            s = samples(http_get(url)[1])
+            return sum(v for (name, labels), v in s.items()
+                       if name == "buildkit_cache_size_bytes" and ("builder", builder) in labels)
+
+        wait_for("both builders measured", lambda: http_get(url)[0] == 200 and all(
+            value(http_get(url)[1], "buildkit_cache_measurement_success", builder=b, measurement="records", **L) == 1
+            for b in ("default", "rest")), timeout=60)
+        time.sleep(2 * INTERVAL)  # let the first collection settle (a late discovery, the walk)
+        calls, df = buildctl_calls(dockerd, container), measured(svc, "default", "records")
+        walks = measured(svc, "rest", "state_volume")
+        time.sleep(6 * INTERVAL)
+        assert buildctl_calls(dockerd, container) == calls, "a docker exec into an unchanged builder"
+        assert measured(svc, "default", "records") == df, "a /system/df although nothing changed"
+        assert measured(svc, "rest", "state_volume") == walks, "a walk of an unchanged volume"
+        assert total("default") == engine_total(dockerd)
+
+        # A real build on the embedded builder: in the figures within one interval (and a moment).
+        ctx = tmp_path / "ctx"
+        write_build_context(ctx, "rest", 1, 1)
+        dockerd.build(ctx, "rest:latest")
+        built = time.monotonic()
+        wait_for("the build in the figures", lambda: total("default") == engine_total(dockerd), timeout=10)
+        assert time.monotonic() - built < INTERVAL + 2.0
+
+        # BuildKit in the builder container writes its databases: measured again, once.
+        mountpoint = dockerd.cli("volume", "inspect", "-f", "{{.Mountpoint}}", volume).stdout.decode().strip()
+        with open(f"{mountpoint}/cache.db", "a") as f:
+            f.write("a record added\n")
+        wait_for("the change measured", lambda: len(buildctl_calls(dockerd, container)) > len(calls), timeout=5)
+        time.sleep(4 * INTERVAL)
+        new = buildctl_calls(dockerd, container)[len(calls):]
+        assert new.count("du --format json") == 1, new
+    finally:
+        svc.stop()
+        dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", "-f", volume, check=False)
