@@ -12,7 +12,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from . import decide as D
 from .audit import Recorder
 from .auth import Credentials
-from .payload import PayloadError, parse_notification
+from .payload import Notification, PayloadError, parse_notification
 from .service import ActuatorService
 
 SERVICE: web.AppKey[ActuatorService] = web.AppKey("service", ActuatorService)
@@ -51,28 +51,9 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
         refusal = service.refusal()
         if refusal:
             return _error(503, f"not accepting work right now ({refusal}); retry later")
-        if request.content_length is not None and request.content_length > max_body:
-            metrics.limit_hits.labels("body").inc()
-            return _error(413, f"body over {max_body} bytes")
-        try:
-            body = await request.read()  # decompressed (Content-Encoding): the limit holds after it
-        except web.HTTPRequestEntityTooLarge:
-            metrics.limit_hits.labels("body").inc()
-            return _error(413, f"body over {max_body} bytes")
-        except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a cut body
-            recorder.rejected(f"bad payload: {exc}", request.remote or "")
-            return _error(400, "the body cannot be read: a Content-Encoding that does not decode, or cut short")
-        try:
-            notification = parse_notification(json.loads(body))
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            # json.JSONDecodeError and PayloadError are ValueErrors; JSON nested too deep for Python
-            # to read is RecursionError.
-            what = (str(exc) if isinstance(exc, PayloadError) else
-                    "JSON nested too deep" if isinstance(exc, RecursionError) else "body is not JSON")
-            if isinstance(exc, PayloadError) and exc.limit:
-                metrics.limit_hits.labels(exc.limit).inc()
-            recorder.rejected(f"bad payload: {what}", request.remote or "")
-            return _error(400, f"not an Alertmanager webhook payload: {what}")
+        notification = await _read_notification(request, max_body, recorder)
+        if isinstance(notification, web.Response):
+            return notification
         decisions = await service.handle(notification)
         results = [{"fingerprint": d.fingerprint, "decision": d.decision, "reason": d.reason} for d in decisions]
         # A Docker host that could not be asked, a claim that could not be recorded: Alertmanager
@@ -105,3 +86,30 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+async def _read_notification(request: web.Request, max_body: int, recorder: Recorder) -> Notification | web.Response:
+    """The notification a request carries, or the 4xx answer to a body that is not one."""
+    metrics = recorder.metrics
+    if request.content_length is not None and request.content_length > max_body:
+        metrics.limit_hits.labels("body").inc()
+        return _error(413, f"body over {max_body} bytes")
+    try:
+        body = await request.read()  # decompressed (Content-Encoding): the limit holds after it
+    except web.HTTPRequestEntityTooLarge:
+        metrics.limit_hits.labels("body").inc()
+        return _error(413, f"body over {max_body} bytes")
+    except web.RequestPayloadError as exc:  # a Content-Encoding that does not decode, a cut body
+        recorder.rejected(f"bad payload: {exc}", request.remote or "")
+        return _error(400, "the body cannot be read: a Content-Encoding that does not decode, or cut short")
+    try:
+        return parse_notification(json.loads(body))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # json.JSONDecodeError and PayloadError are ValueErrors; JSON nested too deep for Python
+        # to read is RecursionError.
+        what = (str(exc) if isinstance(exc, PayloadError) else
+                "JSON nested too deep" if isinstance(exc, RecursionError) else "body is not JSON")
+        if isinstance(exc, PayloadError) and exc.limit:
+            metrics.limit_hits.labels(exc.limit).inc()
+        recorder.rejected(f"bad payload: {what}", request.remote or "")
+        return _error(400, f"not an Alertmanager webhook payload: {what}")

@@ -71,9 +71,9 @@ class PruneExecutor:
         self.locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.running = 0
 
-    async def _thread(self, fn: Callable[[], T], timeout: float) -> T:
+    async def _thread(self, fn: Callable[[], T], seconds: float) -> T:
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self.pool, fn), timeout)
+        return await asyncio.wait_for(loop.run_in_executor(self.pool, fn), seconds)
 
     async def run(self, builder: Builder, req: PruneRequest, *, dry_run: bool,
                   on_start: Callable[[int | None, int | None], None] | None = None) -> Outcome:
@@ -155,14 +155,14 @@ class PruneExecutor:
         after, disk_after = await self._cache_bytes(builder), await self._disk_avail(builder)
         return Outcome(SUCCESS, "", deleted, reclaimed, passes, before, after, disk_before, disk_after, duration)
 
-    async def _pass(self, builder: Builder, req: PruneRequest, timeout: float) -> tuple[PruneResult | None, str]:
+    async def _pass(self, builder: Builder, req: PruneRequest, seconds: float) -> tuple[PruneResult | None, str]:
         """One prune call: its result (if it has one) and why it failed ("" if it did not). Waits
         for BuildKit even past the timeout, and keeps what a late finish reports."""
         late = f"the prune did not finish within {self.prune_timeout:g}s"
-        if timeout <= 0:
+        if seconds <= 0:
             return None, late
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, builder.prune, req, timeout)
-        done, _ = await asyncio.wait({fut}, timeout=timeout)
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, builder.prune, req, seconds)
+        done, _ = await asyncio.wait({fut}, timeout=seconds)
         if not done:
             # Keep the builder's lock until BuildKit is really done: never two prunes at once.
             await asyncio.wait({fut})

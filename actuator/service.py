@@ -153,19 +153,19 @@ class ActuatorService:
             # (in the state file) until the prune's time is up, so a restart does not start another.
             self.recorder.interrupted(d)
             raise
-        except Exception:  # noqa: BLE001 - a bug must not kill the service or leave a claim behind
+        except Exception:
             log.exception("prune of %s/%s failed unexpectedly", d.host, d.builder)
             self.claims.release(d, ran)
         else:
             self.claims.release(d, ran)
 
-    async def drain(self, timeout: float = DRAIN_TIMEOUT) -> None:
+    async def drain(self, grace: float = DRAIN_TIMEOUT) -> None:
         """On SIGTERM, while the listener stays open: refuse new work (503, which Alertmanager
-        retries, and /healthz says so) and give running prunes up to `timeout` to finish."""
+        retries, and /healthz says so) and give running prunes up to `grace` seconds to finish."""
         self.accepting = False
         if self.tasks:
-            log.info("waiting up to %gs for %d prune(s) to finish", timeout, len(self.tasks))
-            await asyncio.wait(set(self.tasks), timeout=timeout)
+            log.info("waiting up to %gs for %d prune(s) to finish", grace, len(self.tasks))
+            await asyncio.wait(set(self.tasks), timeout=grace)
 
     async def close(self) -> None:
         """Stop: prunes still running are recorded as interrupted."""

@@ -12,15 +12,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import actuator_bench, builders_bench, exporter_bench, walk_bench
+from . import actuator_bench, builders_bench, exporter_bench, rest_bench, walk_bench
 from .common import Row
 
-FULL = {"sizes": [1_000, 10_000, 100_000], "scrapes": 600, "memory_records": 100_000, "cycles": 1_000,
+FULL = {"sizes": [1_000, 10_000, 100_000], "scrapes": 600, "memory_records": 2_000, "cycles": 1_000,
         "cycle_records": 10_000, "trees": [100_000, 1_000_000], "builders": 200, "leak_files": 1_000_000,
-        "builder_scrapes": 500, "builder_seconds": 35.0, "posts": 2_000}
+        "builder_scrapes": 500, "builder_seconds": 35.0, "posts": 2_000, "rest_seconds": 600.0}
 SMALL = {"sizes": [100, 1_000], "scrapes": 50, "memory_records": 1_000, "cycles": 20, "cycle_records": 100,
-         "trees": [2_000], "builders": 3, "leak_files": 2_000, "builder_scrapes": 20, "builder_seconds": 2.0, "posts": 100}
-AREAS = ("scrape", "cycle", "memory", "walk", "builders", "actuator")
+         "trees": [2_000], "builders": 3, "leak_files": 2_000, "builder_scrapes": 20, "builder_seconds": 2.0, "posts": 100,
+         "rest_seconds": 5.0}
+AREAS = ("cost", "scrape", "cycle", "memory", "walk", "builders", "actuator")
 
 
 def table(rows: list[Row]) -> str:
@@ -40,6 +41,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bkb-") as tmp:
         work = Path(tmp)
         steps = {
+            "cost": lambda: rest_bench.at_rest(work, size["rest_seconds"]),
             "scrape": lambda: exporter_bench.scrape_latency(work, size["sizes"], size["scrapes"]),
             "cycle": lambda: exporter_bench.collection_cycle(work, size["sizes"]),
             "memory": lambda: exporter_bench.memory(work, size["memory_records"], size["cycles"], size["cycle_records"]),

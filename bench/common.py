@@ -50,13 +50,16 @@ def df_body(records: int) -> bytes:
 class StandinEngine(Process):
     """lab/standin_engine.py on a unix socket: the engine's API, answering with `records` records."""
 
-    def __init__(self, work: Path, name: str, records: int, prune_seconds: float = 0.0):
+    def __init__(self, work: Path, name: str, records: int, prune_seconds: float = 0.0, databases: bool = False):
         self.socket = work / f"{name}.sock"
         self.requests = work / f"{name}-requests.jsonl"
         df = work / f"{name}-df.json"
         df.write_bytes(df_body(records))
         root = work / f"{name}-root"
         (root / "overlay2").mkdir(parents=True, exist_ok=True)
+        if databases:  # what the exporter stats to see changes: unchanged, it asks nothing
+            (root / "buildkit").mkdir(exist_ok=True)
+            (root / "buildkit" / "cache.db").write_bytes(b"\0" * 4096)
         super().__init__([sys.executable, "-m", "lab.standin_engine", "--socket", str(self.socket), "--df", str(df),
                           "--api", "1.47", "--root", str(root), "--prune-seconds", str(prune_seconds),
                           "--requests", str(self.requests)], work / f"{name}.log")
@@ -118,24 +121,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
-
-def collector(pid: int) -> int | None:
-    """The exporter's collector process (exporter/collector.py: a child started by spawn)."""
-    for child in children(pid):
-        try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return child
-        except FileNotFoundError:
-            continue
-    return None
 
 
 def settle(check, timeout: float = 120.0):

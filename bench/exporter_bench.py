@@ -1,5 +1,5 @@
-"""The exporter against a stand-in engine serving recorded-format records: scrape latency while
-collection runs, one collection cycle beside the engine call itself, and memory."""
+"""The exporter against a stand-in engine serving recorded-format records: scrape latency at rest,
+one collection cycle beside the engine call itself, and memory."""
 
 from __future__ import annotations
 
@@ -15,13 +15,11 @@ from pathlib import Path
 from buildkit_cache import decode, parse
 from buildkit_cache.config import parse_config
 from buildkit_cache.docker_api import DockerHost
-from buildkit_cache.exporter import child
-from buildkit_cache.exporter.scheduler import Scheduler
-from buildkit_cache.exporter.store import Store
+from buildkit_cache.exporter.collect import Collection
 from buildkit_cache.inventory import Inventory
 from buildkit_cache.usage import summarize
 
-from .common import Row, Scraper, StandinEngine, collector, exporter, percentile, rss_mb, settle, timed
+from .common import Row, Scraper, StandinEngine, exporter, percentile, rss_mb, settle, timed
 
 WINDOWS = (3600.0, 86400.0, 604800.0)
 
@@ -31,16 +29,16 @@ def _records_total(m: dict) -> float:
 
 
 def scrape_latency(work: Path, sizes: list[int], scrapes: int) -> list[Row]:
-    """p50/p99 of scrapes while the records measurement runs every second, at each size."""
+    """p50/p99 of scrapes at rest (checks every second find the engine's databases unchanged), at each size."""
     rows, p99s = [], {}
     for n in sizes:
-        engine = StandinEngine(work, f"engine-{n}", n)
+        engine = StandinEngine(work, f"engine-{n}", n, databases=True)
         svc, port = exporter(work, f"exporter-{n}", f"docker_hosts: [{{url: '{engine.url}', name: standin}}]\n"
                              "exporter:\n  intervals: {records: 1s}\n")
         try:
             scraper = Scraper(port)
             settle(lambda s=scraper, n=n: _records_total(s.metrics()) == n)
-            time.sleep(2.5)  # two more runs: from now on the size is known (a child above 5,000 records)
+            time.sleep(2.5)  # two more checks: at rest from now on
             latencies = []
             for _ in range(scrapes):
                 t0 = time.perf_counter()
@@ -58,16 +56,13 @@ def scrape_latency(work: Path, sizes: list[int], scrapes: int) -> list[Row]:
             dur = m[("buildkit_cache_measurement_duration_seconds",
                      frozenset({"host": "standin", "builder": "default", "measurement": "records"}.items()))]
             rss = rss_mb(svc.proc.pid)
-            pid = collector(svc.proc.pid)
-            crss = rss_mb(pid) if pid else 0.0
             p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
             p99s[n] = p99
-            rows.append(Row("scrape", f"{n:,} records: p50 / p99 / max of {scrapes} scrapes",
+            rows.append(Row("scrape", f"{n:,} records at rest: p50 / p99 / max of {scrapes} scrapes",
                             f"{p50 * 1e3:.2f} / {p99 * 1e3:.2f} / {max(latencies) * 1e3:.1f} ms",
-                            f"records measured every 1 s ({runs} /system/df so far), last one {dur:.3f} s"
-                            + (", in a child of the collector" if n >= child.CHILD_RECORDS else ", in the collector"),
-                            f"RSS: server {rss:.0f} MB, collector {crss:.0f} MB", {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
-                                                           "rss_mb": rss, "records_s": dur}))
+                            f"checked every 1 s, /system/df asked {runs} time(s) in all, the first {dur:.3f} s",
+                            f"RSS {rss:.0f} MB", {"p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
+                                                  "rss_mb": rss, "records_s": dur, "runs": runs}))
         finally:
             svc.stop()
             engine.stop()
@@ -108,12 +103,11 @@ def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]
             raw, call_wall, call_cpu = timed(lambda e=engine: _engine_call(e.socket), repeat)
             assert isinstance(raw, bytes)
             now = datetime.now(UTC)
-            summary, parse_wall, parse_cpu = timed(
-                lambda r=raw, t=now: bulk.summarize_rows(decode.engine_rows(r), t, WINDOWS, True), repeat)
+            summary, parse_wall, parse_cpu = timed(lambda r=raw: summarize(decode.engine_rows(r), True), repeat)
             _, sdk_wall, _ = timed(host.system_df_build_cache_bytes, repeat)
-            full, full_wall, _ = timed(lambda r=raw, t=now: summarize(parse.parse_engine_build_cache(
-                json.loads(r)), t, WINDOWS, True), max(1, repeat // 2))
-            assert summary == full
+            full, full_wall, _ = timed(lambda r=raw: summarize(parse.parse_engine_build_cache(
+                json.loads(r)), True), max(1, repeat // 2))
+            assert summary == full and summary.idle_bytes(now, WINDOWS) == full.idle_bytes(now, WINDOWS)
             rows.append(Row("cycle", f"{n:,} records ({len(raw) / 1e6:.1f} MB): decode + summarise",
                             f"{parse_wall * 1e3:.1f} ms wall, {parse_cpu * 1e3:.1f} ms CPU",
                             f"engine call {call_wall * 1e3:.1f} ms wall (through the Docker SDK "
@@ -127,8 +121,8 @@ def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]
 
 
 def memory(work: Path, records: int, cycles: int, cycle_records: int) -> list[Row]:
-    """RSS of an exporter process after collecting `records` records in the exporter itself (the
-    first run, size unknown) and then in children; and RSS over `cycles` collection cycles."""
+    """RSS of an exporter process after collecting `records` records and after more runs; and RSS
+    over `cycles` collection cycles."""
     rows = []
     engine = StandinEngine(work, f"memory-{records}", records)
     svc, port = exporter(work, "exporter-memory", f"docker_hosts: [{{url: '{engine.url}', name: standin}}]\n"
@@ -136,16 +130,13 @@ def memory(work: Path, records: int, cycles: int, cycle_records: int) -> list[Ro
     try:
         scraper = Scraper(port)
         settle(lambda: _records_total(scraper.metrics()) == records)
-        pid = collector(svc.proc.pid)
-        first = (rss_mb(svc.proc.pid), rss_mb(pid) if pid else 0.0)
+        first = rss_mb(svc.proc.pid)
         time.sleep(5)
-        later = (rss_mb(svc.proc.pid), rss_mb(pid) if pid else 0.0)
-        rows.append(Row("memory", f"RSS after collecting {records:,} records",
-                        f"server {later[0]:.0f} MB; collector {first[1]:.0f} MB after the first run (in itself), "
-                        f"{later[1]:.0f} MB after 5 more"
-                        + (" (each in a child process)" if records >= child.CHILD_RECORDS else ""),
-                        "target under 100 MB", "",
-                        {"server_mb": later[0], "collector_first_mb": first[1], "collector_later_mb": later[1]}))
+        later = rss_mb(svc.proc.pid)
+        rows.append(Row("memory", f"RSS after collecting {records:,} records (one process)",
+                        f"{first:.0f} MB after the first run, {later:.0f} MB after 5 more",
+                        "target: half of the 120 MB of two processes before", "",
+                        {"first_mb": first, "later_mb": later}))
     finally:
         svc.stop()
         engine.stop()
@@ -153,8 +144,7 @@ def memory(work: Path, records: int, cycles: int, cycle_records: int) -> list[Ro
     engine = StandinEngine(work, f"memory-cycles-{cycle_records}", cycle_records)
     try:
         cfg = parse_config({"docker_hosts": [{"url": engine.url, "name": "standin"}]})
-        store = Store()
-        sched = Scheduler(cfg, Inventory(cfg), store, children=False)
+        sched = Collection(cfg, Inventory(cfg))
         marks = {}
 
         async def run() -> None:

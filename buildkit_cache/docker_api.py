@@ -119,7 +119,7 @@ class DockerHost:
             if self._client is not None:
                 try:
                     self._client.close()
-                except Exception as exc:  # noqa: BLE001 - closing a broken client must not raise
+                except Exception as exc:
                     log.debug("closing the client of %s: %s", self.name, exc)
             self._client = None
 

@@ -95,10 +95,11 @@ class CacheCollector(Collector):
         yield from (success, duration, last_ok, budget, host_up, builder_info, host_info, conflicts, build_info)
 
 
-def registry_for(snapshot: Callable[[], Snapshot], cfg: Config) -> CollectorRegistry:
-    """A private registry serving the snapshots (no process or platform collectors)."""
+def registry_for(snapshot: Snapshot | Callable[[], Snapshot], cfg: Config) -> CollectorRegistry:
+    """A private registry serving a snapshot, or whatever snapshot the callable returns at each
+    scrape (no process or platform collectors)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CacheCollector(snapshot, cfg))
+    registry.register(CacheCollector(snapshot if callable(snapshot) else (lambda: snapshot), cfg))
     return registry
 
 

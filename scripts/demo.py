@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from buildkit_cache.units import format_bytes  # noqa: E402
-from lab.engines import PrivateDockerd, write_build_context  # noqa: E402
-from lab.procs import http_get, value  # noqa: E402
-from lab.stack import Stack  # noqa: E402
+from buildkit_cache.units import format_bytes
+from lab.engines import PrivateDockerd, write_build_context
+from lab.procs import http_get, value
+from lab.stack import Stack
 
 BUDGET = 12_000_000
 

@@ -144,6 +144,7 @@ def test_a_remote_builder_without_a_buildctl_is_said_at_check_and_at_start(tmp_p
     assert done.returncode == 0 and "buildctl" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # waits out the 15 s header timeout
 def test_half_sent_requests_are_closed_and_good_ones_answered_meanwhile(tmp_path):
     """Slow-loris: connections that never finish their headers hold nothing for long (HEADER_TIMEOUT),
     and a good request gets through while they are open."""

@@ -11,6 +11,7 @@ import resource
 import time
 
 import aiohttp
+import pytest
 
 from tests.support.live_actuator import LiveActuator
 
@@ -22,6 +23,8 @@ CFG = {
     "builders": {"kamal": {"budget": "20MB"}, "ci": {"budget": "1GB"}},
     "actuator": {"cooldown": "1h", "settle_delay": "0s", "prune_timeout": "5s"},
 }
+
+pytestmark = pytest.mark.slow  # a minute of load
 
 
 def notification(fp: str, builder: str = "kamal", action: str = "prune-to-budget") -> dict:

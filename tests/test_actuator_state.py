@@ -147,7 +147,7 @@ async def test_a_prune_cut_off_by_shutdown_is_recorded_and_its_claim_outlives_th
     h = await harness.start(state=state)  # the service's clock: time.time
     await h.post(notification(alert()))
     await asyncio.sleep(0.2)
-    await h.service.drain(timeout=0.1)
+    await h.service.drain(grace=0.1)
     await h.service.close()
     failed = [e for e in h.audit_lines() if e["event"] == "failed"]
     assert len(failed) == 1 and failed[0]["result"] == "interrupted", h.audit_lines()

@@ -50,8 +50,8 @@ async def run_for(collection, seconds):
             pass
 
 
-async def wait_until(check, timeout=5.0):
-    deadline = time.monotonic() + timeout
+async def wait_until(check, within=5.0):
+    deadline = time.monotonic() + within
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
@@ -81,7 +81,7 @@ async def test_a_write_to_its_databases_is_measured_within_one_interval(tmp_path
         assert b.calls["records"] == 1
         b.current = b.current[:5]  # a prune...
         write(tmp_path / "runc-overlayfs" / "metadata_v2.db")  # ...and what it did to the database
-        await wait_until(lambda: b.calls["records"] == 2, timeout=1.0)
+        await wait_until(lambda: b.calls["records"] == 2, within=1.0)
         await wait_until(lambda: c.snapshot.builders[b.ref.key].results["records"].value.total_records == 5)
         await asyncio.sleep(0.5)
         assert b.calls["records"] == 2  # once per change
@@ -128,7 +128,7 @@ async def test_a_stopped_container_is_measured_at_once(tmp_path):
         await wait_until(lambda: b.calls.get("records") == 1)
         b.container_state = "exited"
         b.broken.add("records")
-        await wait_until(lambda: not c.snapshot.builders[b.ref.key].results["records"].success, timeout=1.0)
+        await wait_until(lambda: not c.snapshot.builders[b.ref.key].results["records"].success, within=1.0)
     finally:
         task.cancel()
         c.close()
@@ -160,7 +160,7 @@ async def test_idle_bytes_age_between_measurements_without_asking_the_builder(tm
         await wait_until(lambda: b.calls.get("records") == 1)
         assert reg.get_sample_value("buildkit_cache_idle_bytes", L) == 0
         now[0] += 3600
-        await wait_until(lambda: (reg.get_sample_value("buildkit_cache_idle_bytes", L) or 0) > 0, timeout=1.0)
+        await wait_until(lambda: (reg.get_sample_value("buildkit_cache_idle_bytes", L) or 0) > 0, within=1.0)
         total = sum(r.size for r in b.current)
         assert reg.get_sample_value("buildkit_cache_idle_bytes", L) == total
         assert b.calls["records"] == 1

@@ -33,6 +33,8 @@ CFG = {
 BUILDERS = ("kamal", "limited", "other")
 ACTIONS = ("prune-to-budget", "prune-idle", "prune-all")
 
+pytestmark = pytest.mark.slow  # thousands of generated requests and configs
+
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
