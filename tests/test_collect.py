@@ -167,3 +167,20 @@ async def test_idle_bytes_age_between_measurements_without_asking_the_builder(tm
     finally:
         task.cancel()
         c.close()
+
+
+def test_without_an_ssh_host_the_docker_sdk_leaves_paramiko_and_cryptography_unloaded(tmp_path):
+    """16 of the exporter's ~50 MB; the SDK needs paramiko only for ssh:// hosts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from buildkit_cache.cli_support import load_config; "
+            "load_config('x', sys.argv[1], None, 'exporter'); import buildkit_cache.inventory; "
+            "print(sorted(m for m in ('docker', 'paramiko', 'cryptography') if sys.modules.get(m)))")
+    loaded = {}
+    for kind, url in (("unix", "unix:///run/docker.sock"), ("ssh", "ssh://build@example.invalid")):
+        cfg = tmp_path / f"{kind}.yml"
+        cfg.write_text(f"docker_hosts: ['{url}']\n")
+        done = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, check=True)
+        loaded[kind] = done.stdout.strip()
+    assert loaded == {"unix": "['docker']", "ssh": "['cryptography', 'docker', 'paramiko']"}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
-from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
+
+if TYPE_CHECKING:  # the Docker SDK is imported once the config said whether ssh:// is needed
+    from buildkit_cache.builders import Builder
 
 P = "buildkit_cache_"
 B = ["host", "builder"]

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
-from buildkit_cache.builders import Builder
+from typing import TYPE_CHECKING
+
 from buildkit_cache.config import Config
 from buildkit_cache.models import GC_POLICY, WorkerInfo
 
 from .base import Families, Measurement, gauge, info
+
+if TYPE_CHECKING:  # the Docker SDK is imported once the config said whether ssh:// is needed
+    from buildkit_cache.builders import Builder
 
 
 class GCPolicy(Measurement[WorkerInfo]):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from buildkit_cache.builders import Builder
+from typing import TYPE_CHECKING
+
 from buildkit_cache.config import Config
 from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME
 from buildkit_cache.units import format_duration
 from buildkit_cache.usage import UsageSummary
 
 from .base import Families, Measurement, gauge
+
+if TYPE_CHECKING:  # the Docker SDK is imported once the config said whether ssh:// is needed
+    from buildkit_cache.builders import Builder
 
 
 class Records(Measurement[UsageSummary]):

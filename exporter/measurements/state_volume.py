@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from buildkit_cache.builders import Builder
+from typing import TYPE_CHECKING
+
 from buildkit_cache.config import Config
 from buildkit_cache.models import STATE_VOLUME, TreeUsage
 
 from .base import Families, Measurement, gauge
+
+if TYPE_CHECKING:  # the Docker SDK is imported once the config said whether ssh:// is needed
+    from buildkit_cache.builders import Builder
 
 
 class StateVolume(Measurement[TreeUsage]):
