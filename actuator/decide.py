@@ -147,8 +147,10 @@ class Claims:
         self.state = state if state is not None else MemoryState()
         self.hold = hold  # how long a running claim holds when its process is gone (prune_timeout + margin)
 
-    def settle(self, d: Decision) -> Decision:
-        """An accepted decision claimed, or turned into a busy or cooldown skip."""
+    def settle(self, d: Decision, claim: bool = True) -> Decision:
+        """An accepted decision claimed, or turned into a busy or cooldown skip. Without `claim` (a
+        dry run) the same checks are made and nothing is recorded: a dry run takes no cooldown and
+        never blocks the real prune that follows it."""
         if not d.accepted:
             return d
         now = self.clock()
@@ -161,6 +163,8 @@ class Claims:
                     return replace(d, decision=COOLDOWN,
                                    reason=f"{d.action_name} ran on {d.host}/{d.builder} {now - e.started:.0f}s ago; "
                                           f"cooldown ends in {self.cooldown - (now - e.started):.0f}s")
+                if not claim:
+                    return d
                 for key, old in list(shared.entries.items()):  # what no longer holds anything
                     if (not old.running or now >= old.busy_until) and not in_cooldown(old.started, now, self.cooldown):
                         shared.pop(key)

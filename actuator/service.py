@@ -128,7 +128,7 @@ class ActuatorService:
             host, name = alert.labels.get("host", ""), alert.labels.get("builder", "")
             builders = await self.directory.lookup(host, name) if alert.firing and host and name else {}
             refs = None if builders is None else {k: b.ref for k, b in builders.items()}
-            d = self.claims.settle(D.decide(alert, self.cfg, refs))
+            d = self.claims.settle(D.decide(alert, self.cfg, refs), claim=not self.dry_run)
             self.recorder.decision(d)
             if d.accepted and builders is not None:  # accepted only when the builders are known
                 task = asyncio.get_running_loop().create_task(self._run(d, builders[(d.host, d.builder)]),
@@ -155,9 +155,11 @@ class ActuatorService:
             raise
         except Exception:
             log.exception("prune of %s/%s failed unexpectedly", d.host, d.builder)
-            self.claims.release(d, ran)
+            if not self.dry_run:
+                self.claims.release(d, ran)
         else:
-            self.claims.release(d, ran)
+            if not self.dry_run:
+                self.claims.release(d, ran)
 
     async def drain(self, grace: float = DRAIN_TIMEOUT) -> None:
         """On SIGTERM, while the listener stays open: refuse new work (503, which Alertmanager

@@ -16,6 +16,7 @@ from buildkit_cache.actuator.auth import Credentials
 from buildkit_cache.actuator.metrics import ActuatorMetrics
 from buildkit_cache.actuator.payload import PayloadError, parse_notification
 from buildkit_cache.actuator.service import ActuatorService, Directory
+from buildkit_cache.actuator.state import StateFile
 from buildkit_cache.builders import Discovered
 from buildkit_cache.config import parse_config
 from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, PruneRequest
@@ -354,11 +355,29 @@ async def test_dry_run_takes_the_same_path_and_prunes_nothing(harness, caplog):
     # A 20MB budget on the recorded cache: at least the excess goes, never everything.
     assert total - 20_000_000 <= entry["bytes"] < total
     assert any("DRY-RUN would prune" in m and "h1/kamal" in m for m in caplog.messages)
-    # The same cooldown applies: a dry run counts as the incident's run.
+    # A dry run takes no cooldown: the same alert again is another dry run.
     r = await h.post(notification(alert(builder="kamal")))
-    assert (await r.json())["alerts"][0]["decision"] == D.COOLDOWN
+    assert (await r.json())["alerts"][0]["decision"] == D.ACCEPTED
+    await h.settle()
     assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
-                    result="dry_run") == 1
+                    result="dry_run") == 2
+
+
+async def test_a_dry_run_never_blocks_the_real_prune_that_follows(aiohttp_client, tmp_path):
+    """The first thing a user tries: a dry run, then the same alert for real (the actuator restarted
+    without --dry-run, the state file kept). Exactly one real prune."""
+    state = str(tmp_path / "state.json")
+    dry = await Harness(aiohttp_client, tmp_path).start(dry_run=True, state=StateFile(state, time.time))
+    assert (await (await dry.post(notification(alert(builder="kamal")))).json())["alerts"][0]["decision"] == D.ACCEPTED
+    await dry.settle()
+    assert dry.builders["kamal"].prunes == []
+    real = await Harness(aiohttp_client, tmp_path).start(state=StateFile(state, time.time))
+    assert (await (await real.post(notification(alert(builder="kamal")))).json())["alerts"][0]["decision"] == D.ACCEPTED
+    await real.settle()
+    assert len(real.builders["kamal"].prunes) == 1
+    # ...and that real prune does hold its cooldown.
+    again = await (await real.post(notification(alert(builder="kamal")))).json()
+    assert again["alerts"][0]["decision"] == D.COOLDOWN
 
 
 async def test_healthz_and_metrics_need_no_credentials(harness):
