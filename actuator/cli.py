@@ -12,6 +12,7 @@ from buildkit_cache.checks import missing_buildctl, socket_problem
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.inventory import Inventory
 
+from . import cooldowns
 from .app import make_app
 from .audit import AuditLog, Recorder
 from .auth import AuthSetupError, load_credentials, server_ssl_context
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="accept alerts without authentication (only for a loopback-only test setup)")
     p.add_argument("--check-config", action="store_true", help="validate the config, print the effective config and exit")
+    p.add_argument("--cooldowns", action="store_true",
+                   help="print each builder's and action's last prune and cooldown from actuator.state_file, and exit")
+    p.add_argument("--clear-cooldown", metavar="HOST/BUILDER[/ACTION]",
+                   help="clear those cooldowns (safe while the actuator runs; audited), and exit")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -65,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, (host, port) = load_config(prog, args.config, args.listen, "actuator")
     except Exit as exc:
         return exc.code
+    if args.cooldowns:
+        return cooldowns.show(cfg, prog)
+    if args.clear_cooldown:
+        return cooldowns.clear(cfg, prog, args.clear_cooldown)
     # What start-up needs, checked by --check-config too: the secrets, TLS files, the audit file,
     # and a Docker socket this process may use.
     try:

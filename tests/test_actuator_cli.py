@@ -212,3 +212,34 @@ def test_secrets_are_never_logged(tmp_path):
     seen = svc.output() + (tmp_path / "audit.jsonl").read_text() + check.stdout + check.stderr
     assert '"event":"rejected"' in seen and '"event":"received"' in seen
     assert secret not in seen and wrong not in seen
+
+
+def test_cooldowns_are_shown_and_cleared_safely_with_an_audit_line(tmp_path):
+    import time
+
+    from buildkit_cache.actuator.state import Entry, StateFile
+
+    state, audit = tmp_path / "state.json", tmp_path / "audit.jsonl"
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"actuator: {{state_file: '{state}', audit_log: '{audit}', cooldown: 1h}}\n")
+    now = time.time()
+    with StateFile(str(state), time.time).locked() as shared:
+        shared.put(("local", "default", "prune-to-budget"), Entry(now - 600, False, now - 500, "gone"))
+        shared.put(("local", "ci", "prune-all"), Entry(now - 5, True, now + 600, "another"))
+    shown = run("--config", str(cfg), "--cooldowns")
+    assert shown.returncode == 0, shown.stderr
+    assert "local/default" in shown.stdout and ("cooldown, 2999s left" in shown.stdout or "cooldown, 3000s left" in shown.stdout)
+    assert "local/ci" in shown.stdout and "running or queued" in shown.stdout
+
+    done = run("--config", str(cfg), "--clear-cooldown", "local/default")
+    assert done.returncode == 0 and done.stdout.strip() == "cleared: local/default prune-to-budget"
+    line = json.loads(audit.read_text().splitlines()[-1])
+    assert line["event"] == "cooldown_cleared" and (line["host"], line["builder"], line["action"]) == (
+        "local", "default", "prune-to-budget")
+    # A prune still running keeps its claim: clearing it could start a second one.
+    done = run("--config", str(cfg), "--clear-cooldown", "local/ci/prune-all")
+    assert done.returncode == 1 and "still running" in done.stderr
+    with StateFile(str(state), time.time).locked() as shared:
+        assert list(shared.entries) == [("local", "ci", "prune-all")]
+    done = run("--config", str(cfg), "--clear-cooldown", "default")
+    assert done.returncode == 2 and "HOST/BUILDER" in done.stderr
