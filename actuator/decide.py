@@ -11,6 +11,7 @@ ever used: no label value becomes an argument of anything.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -35,11 +36,13 @@ NO_BUDGET = "no_budget"
 COOLDOWN = "cooldown"
 BUSY = "duplicate_in_progress"
 UNKNOWN_BUILDER = "unknown_builder"
+BUILDER_CHANGED = "builder_changed"  # the name means another builder than when the alert started
+EXPIRED = "expired"  # the alert ended (endsAt in the past): an old notification
 LOOKUP_FAILED = "builder_lookup_failed"  # the Docker host could not be asked: answered 503, retried
 STATE_FAILED = "state_unwritable"  # the claim could not be recorded: answered 503, retried
 RETRY_LATER = (LOOKUP_FAILED, STATE_FAILED)
 DECISIONS = (ACCEPTED, RESOLVED, NO_ACTION, UNKNOWN_ACTION, MISSING_BUILDER, NOT_ALLOWED, NO_BUDGET,
-             COOLDOWN, BUSY, UNKNOWN_BUILDER, LOOKUP_FAILED, STATE_FAILED)
+             COOLDOWN, BUSY, UNKNOWN_BUILDER, BUILDER_CHANGED, EXPIRED, LOOKUP_FAILED, STATE_FAILED)
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,19 @@ def prune_request(action: Action, budget: int | None) -> PruneRequest:
     return PruneRequest(all=True)
 
 
-def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], BuilderRef] | None) -> Decision:
+def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], BuilderRef] | None,
+           changed_since: float | None = None, now: float | None = None) -> Decision:
     """The decision for one alert, before claims. `builders`: the builders the hosts have now, by
-    their (host, builder) labels; None when the alert's host could not be asked (not decided here)."""
+    their (host, builder) labels; None when the alert's host could not be asked (not decided here).
+    `changed_since`: when the alert's builder name came to mean another builder, if it did."""
     fp = alert.fingerprint
     if not alert.firing:
         return Decision(RESOLVED, "the alert is resolved; nothing to prune", fingerprint=fp)
+    now = time.time() if now is None else now
+    ends, starts = alert.ends, alert.starts
+    if ends is not None and ends < now:
+        return Decision(EXPIRED, f"the alert ended at {alert.ends_at[:40]}: an old notification, nothing to prune",
+                        fingerprint=fp)
     name = alert.labels.get(ACTION_LABEL)
     if not name:
         return Decision(NO_ACTION, f"the alert has no {ACTION_LABEL} label", fingerprint=fp)
@@ -123,6 +133,10 @@ def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], Builder
     if target is None:
         return Decision(UNKNOWN_BUILDER, f"no builder {builder[:64]!r} on host {host[:64]!r}", action, host, builder,
                         fingerprint=fp)
+    if changed_since is not None and (starts is None or starts < changed_since):
+        return Decision(BUILDER_CHANGED, f"{host[:64]}/{builder[:64]} names another builder ({target.container or target.volume}) "
+                        "since after the alert started; nothing pruned: the alert is re-evaluated on the new figures",
+                        action, host, builder, fingerprint=fp)
     return Decision(ACCEPTED, "accepted", action, host, builder, prune_request(action, budget), fp, target)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from buildkit_cache.parse import parse_timestamp
+
 STATUSES = ("firing", "resolved")
 
 # Limits of one notification, far above what Alertmanager sends for this project's rules (one alert
@@ -35,10 +37,28 @@ class Alert:
     annotations: Mapping[str, str]
     fingerprint: str = ""
     starts_at: str = ""
+    ends_at: str = ""
 
     @property
     def firing(self) -> bool:
         return self.status == "firing"
+
+    @property
+    def starts(self) -> float | None:
+        return _time(self.starts_at)
+
+    @property
+    def ends(self) -> float | None:
+        """When the alert ended, or None while it has no end (Go's zero time, or absent)."""
+        return _time(self.ends_at)
+
+
+def _time(text: str) -> float | None:
+    try:
+        t = parse_timestamp(text) if text else None
+    except ValueError:
+        return None
+    return t.timestamp() if t is not None else None
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,7 @@ def parse_notification(data: Any) -> Notification:
             annotations=_str_map(a.get("annotations"), f"{where}.annotations", labels=False),
             fingerprint=_str(a.get("fingerprint"), f"{where}.fingerprint"),
             starts_at=_str(a.get("startsAt"), f"{where}.startsAt"),
+            ends_at=_str(a.get("endsAt"), f"{where}.endsAt"),
         ))
     builders = {(a.labels.get("host", ""), a.labels.get("builder", "")) for a in alerts if a.firing}
     if len(builders) > MAX_BUILDERS:

@@ -29,14 +29,40 @@ DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for running prunes (compose: stop_
 
 
 class Directory:
-    """The builders each Docker host has now, asked for when an alert names one, briefly cached."""
+    """The builders each Docker host has now, asked for when an alert names one. A list is reused
+    for FRESH seconds only, whatever names it holds: a prune acts on the host as it is, never on an
+    old picture of it (a container created, replaced or renamed since)."""
 
-    def __init__(self, inventory: BuilderSource, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, inventory: BuilderSource, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time):
         self.inventory = inventory
         self.clock = clock
+        self.wall = wall
         self.cache: dict[str, tuple[float, dict[tuple[str, str], Builder]]] = {}
         # One lock per Docker host: a slow or hung host delays lookups on that host only.
         self.locks: dict[str, asyncio.Lock] = {}
+        # What each builder name meant when last seen (container, volume), and since when it means
+        # another builder than before (wall clock), if it ever did.
+        self.meaning: dict[tuple[str, str], tuple[tuple[str, str], float | None]] = {}
+
+    def changed_since(self, host: str, builder: str) -> float | None:
+        """When the name came to mean another builder than the one it named before, if it did."""
+        seen = self.meaning.get((host, builder))
+        return seen[1] if seen else None
+
+    def _remember(self, builders: dict[tuple[str, str], Builder]) -> None:
+        now = self.wall()
+        for key, b in builders.items():
+            new = (b.ref.container, b.ref.volume)
+            old = self.meaning.get(key)
+            if old is None:
+                self.meaning[key] = (new, None)
+                continue
+            (container, volume), since = old
+            # Another container under the name, or another volume, is another builder. A leaked
+            # volume whose container came back (no container before, the same volume) is the same.
+            other = bool(container and container != new[0]) or bool(volume and new[1] and volume != new[1])
+            self.meaning[key] = (new, now if other else since)
 
     async def warm(self) -> None:
         """Ask every Docker host for its builders once, at start, so the first notification is
@@ -49,9 +75,11 @@ class Directory:
         remotes: dict[tuple[str, str], Builder] = {r.ref.key: r for r in self.inventory.remotes if r.ref.host == host}
         if host not in self.inventory.hosts:
             return remotes
-        async with self.locks.setdefault(host, asyncio.Lock()):
+        if host not in self.locks:
+            self.locks[host] = asyncio.Lock()
+        async with self.locks[host]:
             cached = self.cache.get(host)
-            if cached and ((host, builder) in cached[1] or self.clock() - cached[0] < FRESH):
+            if cached and self.clock() - cached[0] < FRESH:
                 return {**remotes, **cached[1]}
             try:
                 loop = asyncio.get_running_loop()
@@ -63,6 +91,7 @@ class Directory:
             for line in found.refused:
                 log.error("docker host %s: %s", host, line)
             self.cache[host] = (self.clock(), {b.ref.key: b for b in found.builders})
+            self._remember(self.cache[host][1])
             return {**remotes, **self.cache[host][1]}
 
 
@@ -128,7 +157,8 @@ class ActuatorService:
             host, name = alert.labels.get("host", ""), alert.labels.get("builder", "")
             builders = await self.directory.lookup(host, name) if alert.firing and host and name else {}
             refs = None if builders is None else {k: b.ref for k, b in builders.items()}
-            d = self.claims.settle(D.decide(alert, self.cfg, refs), claim=not self.dry_run)
+            d = D.decide(alert, self.cfg, refs, self.directory.changed_since(host, name))
+            d = self.claims.settle(d, claim=not self.dry_run)
             self.recorder.decision(d)
             if d.accepted and builders is not None:  # accepted only when the builders are known
                 task = asyncio.get_running_loop().create_task(self._run(d, builders[(d.host, d.builder)]),

@@ -237,6 +237,10 @@ class Collection:
             log.info("builder %s: its state directory is not visible here; measured on every interval", builder.ref)
         now = time.monotonic()
         due = [BY_NAME[m] for m in builder.measurements if self._is_due(key, BY_NAME[m], fp, now, force)]
+        if due and log.isEnabledFor(logging.DEBUG):
+            mark = self._marks.get((key, RECORDS))
+            log.debug("builder %s: due %s; changed since records: %s", builder.ref, [m.name for m in due],
+                      _difference(mark.seen if mark else None, fp))
         if fp is not None:  # what did not change is still right; where we cannot tell, it is only old
             self._confirm(key, [m for m in builder.measurements if BY_NAME[m] not in due])
         for m in due:
@@ -349,6 +353,17 @@ class Collection:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _difference(before: Any, after: Any) -> str:
+    """What differs between two fingerprints, for the debug log."""
+    if before is None or after is None:
+        return "unknown"
+    if before[:2] != after[:2]:
+        return f"host or container {before[:2]} -> {after[:2]}"
+    old, new = dict((e[0], e[1:]) for e in before[2]), dict((e[0], e[1:]) for e in after[2])
+    return ", ".join(f"{n} {old.get(n)} -> {new.get(n)}" for n in sorted(set(old) | set(new))
+                     if old.get(n) != new.get(n)) or "nothing"
 
 
 async def collect_once(cfg: Config, source: BuilderSource) -> Snapshot:

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.integration
 TOKEN = "integration-token-0123456789"
 
 
-def notification(action: str, builder: str, host: str = "test", fp: str = "fp-1") -> dict:
+def notification(action: str, builder: str, host: str = "test", fp: str = "fp-1",
+                 starts: str = "2026-11-22T10:00:00Z") -> dict:
     return {"version": "4", "groupKey": "{}:{}", "truncatedAlerts": 0, "status": "firing", "receiver": "actuator",
             "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am",
             "alerts": [{"status": "firing", "labels": {"alertname": "BuildKitCacheOverBudget", "host": host,
                                                        "builder": builder, "buildkit_action": action},
-                        "annotations": {}, "startsAt": "2026-11-22T10:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
+                        "annotations": {}, "startsAt": starts, "endsAt": "0001-01-01T00:00:00Z",
                         "generatorURL": "", "fingerprint": fp}]}
 
 
@@ -373,4 +374,61 @@ def test_dockerd_going_down_during_a_prune_is_recorded_said_by_healthz_and_recov
     finally:
         act.stop()
         dockerd.cli("rm", "-f", container, check=False)
+        dockerd.cli("volume", "rm", volume, check=False)
+
+
+def prunes_in(dockerd, container: str) -> list[str]:
+    out = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls", check=False).stdout.decode()
+    return [c for c in out.splitlines() if c.startswith("prune")]
+
+
+def test_a_name_that_came_to_mean_another_container_is_refused_then_the_new_one_is_pruned(dockerd, builder_image,
+                                                                                        tmp_path):
+    """H1 (a): at start only buildx_buildkit_ci10 (builder ci1); then buildx_buildkit_ci1 appears and,
+    the two names colliding, takes the name ci1 (as the exporter shows it). An alert about ci1 that
+    started before is about the old container: refused and audited, nothing pruned anywhere. One that
+    starts after prunes the container the name means now."""
+    old, old_volume = builder_container.start_builder(dockerd, "ci10")
+    act = Actuator(dockerd, tmp_path, 1)
+    new = new_volume = ""
+    try:
+        time.sleep(1)  # the start-up's lookup has seen ci1 -> buildx_buildkit_ci10
+        new, new_volume = builder_container.start_builder(dockerd, "ci1")
+        time.sleep(2.5)  # older than any list the actuator may reuse
+        assert act.post(notification("prune-all", "ci1", fp="before")) == 200
+        wait_for("the refusal", lambda: act.events("skipped"), timeout=30)
+        (skip,) = act.events("skipped")
+        assert skip["decision"] == "builder_changed" and "buildx_buildkit_ci1" in skip["reason"], skip
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+        assert act.post(notification("prune-all", "ci1", fp="after", starts=now)) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=30)
+        assert act.events("pruned")[0]["container"] == "buildx_buildkit_ci1"
+        assert prunes_in(dockerd, new) == ["prune --all --format json"] and prunes_in(dockerd, old) == []
+    finally:
+        act.stop()
+        for c, v in ((old, old_volume), (new, new_volume)):
+            if c:
+                dockerd.cli("rm", "-f", c, check=False)
+                dockerd.cli("volume", "rm", v, check=False)
+
+
+def test_a_leaked_volume_whose_container_came_back_is_prunable_at_once(dockerd, builder_image, tmp_path):
+    """H1 (b): at start only the volume buildx_buildkit_foo0_state; its container created afterwards."""
+    volume = "buildx_buildkit_foo0_state"
+    dockerd.cli("volume", "create", volume)
+    act = Actuator(dockerd, tmp_path, 1)
+    container = ""
+    try:
+        time.sleep(1)  # the start-up's lookup has seen the volume alone
+        container, _ = builder_container.start_builder(dockerd, "foo0")
+        time.sleep(2.5)
+        assert act.post(notification("prune-all", "foo")) == 200
+        wait_for("the prune", lambda: act.events("pruned") or act.events("failed") or act.events("skipped"),
+                 timeout=30)
+        assert act.events("pruned"), act.events()
+        assert prunes_in(dockerd, container) == ["prune --all --format json"]
+    finally:
+        act.stop()
+        if container:
+            dockerd.cli("rm", "-f", container, check=False)
         dockerd.cli("volume", "rm", volume, check=False)

@@ -59,7 +59,14 @@ exporter:
         wait_for("both builders measured", lambda: http_get(url)[0] == 200 and all(
             value(http_get(url)[1], "buildkit_cache_measurement_success", builder=b, measurement="records", **L) == 1
             for b in ("default", "rest")), timeout=60)
-        time.sleep(2 * INTERVAL)  # let the first collection settle (a late discovery, the walk)
+        # BuildKit goes on writing for a moment after a build (the build history, on 26.1 and later):
+        # at rest is once three check intervals in a row measured nothing.
+        def settled() -> bool:
+            before = measured(svc, "default", "records"), len(buildctl_calls(dockerd, container))
+            time.sleep(3 * INTERVAL)
+            return (measured(svc, "default", "records"), len(buildctl_calls(dockerd, container))) == before
+
+        wait_for("the cache at rest", settled, timeout=60, every=0)
         calls, df = buildctl_calls(dockerd, container), measured(svc, "default", "records")
         walks = measured(svc, "rest", "state_volume")
         time.sleep(6 * INTERVAL)
