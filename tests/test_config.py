@@ -67,7 +67,7 @@ def test_docker_host_env_is_the_default(monkeypatch):
 def test_full_example_config_loads():
     cfg = load(str(ROOT / "deploy" / "config.example.yml"))
     assert cfg.budget_for("local", "kamal-remote-ssh---root-10-0-0-5") == 20_000_000_000
-    assert cfg.exporter.intervals["state_volume"] == 600
+    assert cfg.exporter.intervals["state_volume"] == 300 and cfg.exporter.intervals["refresh"] == 600
     assert cfg.actuator.actions["prune-idle"].idle_for == 7 * 86400
 
 
