@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import base64
 import hmac
+import logging
+import os
 import ssl
+import stat
 from dataclasses import dataclass
 
 from buildkit_cache.config import AuthConfig, ServerTLS
+
+log = logging.getLogger("actuator")
 
 
 class AuthSetupError(ValueError):
@@ -18,10 +23,14 @@ def _read_secret(path: str, key: str) -> bytes:
     try:
         with open(path, "rb") as f:
             secret = f.read().strip()
+            mode = os.fstat(f.fileno()).st_mode
     except OSError as exc:
         raise AuthSetupError(f"{key}: cannot read {path}: {exc.strerror}") from None
     if not secret:
         raise AuthSetupError(f"{key}: {path} is empty")
+    if mode & stat.S_IROTH:
+        log.warning("%s: %s is readable by every user (mode %04o): anyone on this host can post alerts; "
+                    "chmod 0640 it (owner root, group of the actuator's user)", key, path, stat.S_IMODE(mode))
     return secret
 
 

@@ -243,3 +243,16 @@ def test_cooldowns_are_shown_and_cleared_safely_with_an_audit_line(tmp_path):
         assert list(shared.entries) == [("local", "ci", "prune-all")]
     done = run("--config", str(cfg), "--clear-cooldown", "default")
     assert done.returncode == 2 and "HOST/BUILDER" in done.stderr
+
+
+def test_a_token_file_readable_by_everyone_is_warned_about(tmp_path):
+    import os
+
+    token = tmp_path / "token"
+    token.write_text("a-token-of-some-length\n")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: [unix://{tmp_path}/none.sock]\nactuator: {{auth: {{bearer_token_file: {token}}}}}\n")
+    os.chmod(token, 0o644)
+    assert "is readable by every user (mode 0644)" in run("--config", str(cfg), "--check-config").stderr
+    os.chmod(token, 0o640)
+    assert "readable by every user" not in run("--config", str(cfg), "--check-config").stderr
