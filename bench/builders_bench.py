@@ -56,7 +56,7 @@ def many_builders(work: Path, builders: int, leak_files: int, scrapes: int, seco
         walls, cpus, engine = [], [], []
         for _ in range(3):
             s0, c0, t0 = _system_cpu(), _children_cpu(), time.perf_counter()
-            done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--config", str(cfg), "--once",
+            done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--config", str(cfg), "--once", "--format", "prometheus",
                                    "--log-level", "warning"], capture_output=True, text=True, cwd=ROOT)
             walls.append(time.perf_counter() - t0)
             cpus.append(_children_cpu() - c0)
@@ -108,7 +108,7 @@ def _walk_check(cfg: Path, mountpoint: Path, files: int) -> list[Row]:
     du(str(mountpoint))
     durations, sizes = [], []
     for _ in range(3):
-        done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--config", str(cfg), "--once",
+        done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--config", str(cfg), "--once", "--format", "prometheus",
                                "--log-level", "warning"], capture_output=True, text=True, cwd=ROOT)
         got = samples(done.stdout)
         L = {"host": "local", "builder": "leak"}

@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", metavar="HOST:PORT", help="address to serve /metrics on (default: exporter.listen, 127.0.0.1:9862)")
     p.add_argument("--check-config", action="store_true", help="validate the config, print the effective config and exit")
     p.add_argument("--once", action="store_true",
-                   help="collect once, print the metrics and exit; exits 1 if any builder or host failed")
+                   help="collect once, print a table per host (a line per builder) and exit; exits 1 if any "
+                        "builder or host failed")
+    p.add_argument("--format", choices=["table", "prometheus"], default="table",
+                   help="with --once: a table for people (default), or the exposition /metrics serves")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -91,17 +94,21 @@ def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Appli
     return app
 
 
-async def _once(cfg: Config) -> int:
+async def _once(cfg: Config, fmt: str) -> int:
     from buildkit_cache.inventory import Inventory
 
+    from . import table
     from .collect import collect_once
     from .metrics import Exposition
 
     snap = await collect_once(cfg, Inventory(cfg))
-    sys.stdout.buffer.write(Exposition(lambda: snap, cfg).render())
     failed = [f"{h}: {s.error}" for h, s in snap.hosts.items() if not s.up]
     failed += [f"{state.builder.ref} {m}: {r.error}" for state in snap.builders.values()
                for m, r in state.results.items() if not r.success]
+    if fmt == "prometheus":
+        sys.stdout.buffer.write(Exposition(lambda: snap, cfg).render())
+    else:
+        sys.stdout.write(table.render(snap, cfg, failed))
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed else 0
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         check_against_hosts(PROG, cfg)
         return 0
     if args.once:
-        return asyncio.run(_once(cfg))
+        return asyncio.run(_once(cfg, args.format))
     if problem := missing_buildctl(cfg):
         logging.getLogger(PROG).warning("%s", problem)
     # The Docker SDK is imported from here on, once the config said whether ssh:// support is needed.

@@ -32,7 +32,7 @@ def standin(tmp_path):
 
 
 def once(url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--docker-host", url],
+    return subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--format", "prometheus", "--docker-host", url],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 

@@ -300,7 +300,7 @@ cd /src
 {install}
 command -v buildkit-cache-exporter
 buildkit-cache-exporter --once > /tmp/once.txt
-grep -q '^buildkit_cache_size_bytes{{.*builder="default"' /tmp/once.txt
+grep -Eq '^  default +docker +[0-9]+ ' /tmp/once.txt
 echo QUICK-START-OK
 """
     done = dockerd.cli("run", "--rm", "--network", "none", "-e", "PIP_NO_INDEX=1", "-e", "PIP_FIND_LINKS=/wheels",

@@ -1,0 +1,78 @@
+"""`--once` for people: a table per Docker host, a line per builder, like `docker system df`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from buildkit_cache.config import Config
+from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME, FilesystemUsage, TreeUsage
+from buildkit_cache.units import format_duration
+from buildkit_cache.usage import UsageSummary
+
+from .collect import BuilderState, Snapshot
+
+COLUMNS = ("BUILDER", "DRIVER", "RECORDS", "TOTAL", "RECLAIMABLE", "IDLE {window}", "STATE VOLUME",
+           "FILES", "DISK USED", "INODES USED", "BUDGET")
+
+
+def size(n: float | None) -> str:
+    """Bytes in docker's units (powers of 1000), three significant digits: `46.4MB`."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.3g}{unit}"
+        n /= 1000
+    return f"{n}B"
+
+
+def _value(state: BuilderState, measurement: str) -> Any:
+    r = state.results.get(measurement)
+    return r.value if r is not None and r.success else None
+
+
+def _ratio(used: float, total: float) -> str:
+    return f"{used / total:.0%}" if total else "-"
+
+
+def row(state: BuilderState, cfg: Config, window: float) -> list[str]:
+    ref = state.ref
+    usage: UsageSummary | None = _value(state, RECORDS)
+    tree: TreeUsage | None = _value(state, STATE_VOLUME)
+    disk: FilesystemUsage | None = _value(state, FILESYSTEM)
+    as_of = state.results[RECORDS].last_success_timestamp if usage is not None else None
+    reclaimable = (sum(b for (_, s), (_, b) in usage.by_type_state.items() if s == "reclaimable")
+                   if usage is not None else None)
+    idle = usage.idle_bytes(as_of or 0.0, [window])[window] if usage is not None else None
+    budget = cfg.budget_for(ref.host, ref.name)
+    over = ""
+    if budget is not None and usage is not None:
+        unshared = usage.total_bytes - sum(b for (_, s), (_, b) in usage.by_type_state.items() if s == "shared")
+        over = f" ({size(unshared - budget)} over)" if unshared > budget else " (under)"
+    return [ref.name, ref.driver,
+            str(usage.total_records) if usage is not None else "-",
+            size(usage.total_bytes if usage is not None else None), size(reclaimable), size(idle),
+            size(tree.bytes if tree is not None else None), f"{tree.files:,}" if tree is not None else "-",
+            _ratio(disk.size_bytes - disk.avail_bytes, disk.size_bytes) if disk is not None else "-",
+            _ratio(disk.files - disk.files_free, disk.files) if disk is not None else "-",
+            (size(budget) + over) if budget is not None else "-"]
+
+
+def render(snapshot: Snapshot, cfg: Config, failures: list[str]) -> str:
+    """The tables, hosts in order, then what failed."""
+    window = max(cfg.exporter.idle_windows)
+    header = [c.format(window=format_duration(window)) for c in COLUMNS]
+    by_host: dict[str, list[BuilderState]] = {}
+    for key, state in sorted(snapshot.builders.items()):
+        by_host.setdefault(key[0], []).append(state)
+    out = []
+    for host in sorted(set(by_host) | set(snapshot.hosts)):
+        hs = snapshot.hosts.get(host)
+        what = f"Docker {hs.version}, API {hs.api_version}" if hs and hs.up else ("unreachable" if hs else "remote")
+        out.append(f"host {host} ({what})")
+        rows = [header] + [row(s, cfg, window) for s in by_host.get(host, [])]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        out.append("")
+    out.append(f"failed: {len(failures)}: " + "; ".join(failures) if failures else "all measured")
+    return "\n".join(out) + "\n"
