@@ -65,7 +65,7 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
         if not service.accepting:
             return web.Response(status=503, text="shutting down\n")
         problem = service.recorder.audit.failure if not service.recorder.audit.writable() else None
-        problem = problem or await service.docker_problem()
+        problem = problem or await service.state_problem() or await service.docker_problem()
         if problem:  # never ok while prunes cannot work
             return web.Response(status=503, text=f"cannot prune: {problem}\n")
         return web.Response(text="ok\n")

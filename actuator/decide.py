@@ -101,22 +101,22 @@ def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], Builder
     their (host, builder) labels; None when the alert's host could not be asked (not decided here).
     `changed_since`: when the alert's builder name came to mean another builder, if it did."""
     fp = alert.fingerprint
-    if not alert.firing:
-        return Decision(RESOLVED, "the alert is resolved; nothing to prune", fingerprint=fp)
+    name = alert.labels.get(ACTION_LABEL)
+    actions = cfg.actuator.enabled_actions
+    action = Action.of(name, actions[name]) if name in actions else None
+    host, builder = alert.labels.get("host", ""), alert.labels.get("builder", "")
+    if not alert.firing:  # audited with its action and builder, so the incident's end is on record
+        return Decision(RESOLVED, "the alert is resolved; nothing to prune", action, host, builder, fingerprint=fp)
     now = time.time() if now is None else now
     ends, starts = alert.ends, alert.starts
     if ends is not None and ends < now:
         return Decision(EXPIRED, f"the alert ended at {alert.ends_at[:40]}: an old notification, nothing to prune",
-                        fingerprint=fp)
-    name = alert.labels.get(ACTION_LABEL)
+                        action, host, builder, fingerprint=fp)
     if not name:
         return Decision(NO_ACTION, f"the alert has no {ACTION_LABEL} label", fingerprint=fp)
-    actions = cfg.actuator.enabled_actions
-    if name not in actions:
+    if action is None:
         return Decision(UNKNOWN_ACTION, f"unknown action {name[:64]!r}; configured actions: "
                         f"{', '.join(sorted(actions))}", fingerprint=fp)
-    action = Action.of(name, actions[name])
-    host, builder = alert.labels.get("host", ""), alert.labels.get("builder", "")
     if not host or not builder:
         return Decision(MISSING_BUILDER, "the alert needs host and builder labels", action, fingerprint=fp)
     settings = cfg.settings_for(host, builder)
@@ -124,15 +124,19 @@ def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], Builder
         return Decision(NOT_ALLOWED, f"builders.{builder}.actions does not allow {name}", action, host, builder,
                         fingerprint=fp)
     budget = settings.budget if settings else None
-    if action.kind == "prune-to-budget" and budget is None:
-        return Decision(NO_BUDGET, f"{name} needs a budget for {builder}", action, host, builder, fingerprint=fp)
     if builders is None:
+        if action.kind == "prune-to-budget" and budget is None:  # retrying cannot help
+            return Decision(NO_BUDGET, f"{name} needs a budget for {builder}", action, host, builder, fingerprint=fp)
         return Decision(LOOKUP_FAILED, f"cannot list the builders of host {host[:64]!r} right now", action, host,
                         builder, fingerprint=fp)
     target = builders.get((host, builder))
-    if target is None:
-        return Decision(UNKNOWN_BUILDER, f"no builder {builder[:64]!r} on host {host[:64]!r}", action, host, builder,
-                        fingerprint=fp)
+    if target is None:  # a typo in a rule or a config key, or a builder gone: say what there is
+        known = sorted(f"{h}/{b}" for h, b in builders)
+        listed = ", ".join(known[:10]) + (f" and {len(known) - 10} more" if len(known) > 10 else "")
+        return Decision(UNKNOWN_BUILDER, f"no builder {builder[:64]!r} on host {host[:64]!r}; builders known here: "
+                        f"{listed or 'none'}", action, host, builder, fingerprint=fp)
+    if action.kind == "prune-to-budget" and budget is None:
+        return Decision(NO_BUDGET, f"{name} needs a budget for {builder}", action, host, builder, fingerprint=fp)
     if changed_since is not None and (starts is None or starts < changed_since):
         return Decision(BUILDER_CHANGED, f"{host[:64]}/{builder[:64]} names another builder ({target.container or target.volume}) "
                         "since after the alert started; nothing pruned: the alert is re-evaluated on the new figures",
@@ -155,7 +159,7 @@ class Claims:
     """
 
     def __init__(self, cooldown: float, clock: Callable[[], float], state: MemoryState | StateFile | None = None,
-                 hold: float = 0.0):
+                 hold: float = 3600.0):
         self.cooldown = cooldown
         self.clock = clock
         self.state = state if state is not None else MemoryState()
@@ -171,7 +175,9 @@ class Claims:
         try:
             with self.state.locked() as shared:
                 e = shared.get(d.key)
-                if e is not None and e.running and (e.owner == self.state.owner or now < e.busy_until):
+                # A claim holds until busy_until, whoever made it: one this process could not release
+                # (the state disk was read-only for a moment) expires like a dead process's.
+                if e is not None and e.running and now < min(e.busy_until, e.started + self.hold):
                     return replace(d, decision=BUSY, reason="the same prune is already queued or running")
                 if e is not None and in_cooldown(e.started, now, self.cooldown):
                     return replace(d, decision=COOLDOWN,
@@ -180,7 +186,8 @@ class Claims:
                 if not claim:
                     return d
                 for key, old in list(shared.entries.items()):  # what no longer holds anything
-                    if (not old.running or now >= old.busy_until) and not in_cooldown(old.started, now, self.cooldown):
+                    if (not old.running or now >= min(old.busy_until, old.started + self.hold)) \
+                            and not in_cooldown(old.started, now, self.cooldown):
                         shared.pop(key)
                 shared.put(d.key, Entry(now, True, now + self.hold, self.state.owner))
         except StateError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from .decide import DECISIONS
 from .payload import LIMITS
@@ -14,6 +14,9 @@ P = "buildkit_cache_actuator_"
 
 class ActuatorMetrics:
     def __init__(self, action_names: list[str]):
+        # A `_created` series beside every counter and histogram child says when this process made it:
+        # nothing a dashboard or rule uses, and ~60 series of noise.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.notifications = Counter(P + "notifications", "Webhook requests by HTTP status code.", ["code"], registry=r)

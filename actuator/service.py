@@ -4,9 +4,11 @@ the background and recorded. The HTTP side (`app.py`) replies as soon as the dec
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from buildkit_cache.builders import Builder
 from buildkit_cache.config import Config
@@ -17,9 +19,10 @@ from . import decide as D
 from .audit import Recorder
 from .executor import PruneExecutor
 from .payload import Notification
-from .state import MemoryState, StateFile
+from .state import MemoryState, StateError, StateFile
 
 log = logging.getLogger("actuator")
+T = TypeVar("T")
 
 DISCOVERY_TIMEOUT = 10.0  # a notification's reply waits at most this for a Docker host's builder list
 FRESH = 2.0  # a builder list younger than this is not asked for again, even for a name it lacks
@@ -112,6 +115,7 @@ class ActuatorService:
         recorder.audit.on_failure = recorder.metrics.audit_write_failures.inc
         recorder.metrics.audit_writable.set_function(lambda: 0.0 if recorder.audit.failure else 1.0)
         self.tasks: set[asyncio.Task[None]] = set()
+        self._state_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self.accepting = True
         self.inventory = inventory
         self._docker_checked: tuple[float, str | None] = (-HEALTH_EVERY, None)
@@ -132,6 +136,23 @@ class ActuatorService:
                 break
         self._docker_checked = (time.monotonic(), problem)
         return problem
+
+    async def _state_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """State changes in a thread of their own, one at a time: never on the event loop, and never
+        behind lookups of a Docker host that does not answer."""
+        return await asyncio.get_running_loop().run_in_executor(self._state_pool, fn, *args)
+
+    async def state_problem(self) -> str | None:
+        """Why claims cannot be recorded right now (the state lock held elsewhere, a folder gone), or None."""
+        def probe() -> None:
+            with self.claims.state.locked():
+                pass
+
+        try:
+            await self._state_call(probe)
+        except (StateError, OSError) as exc:
+            return f"state file: {exc}"
+        return None
 
     def refusal(self) -> str | None:
         """Why no new work is taken now (answered 503, which Alertmanager retries), or None."""
@@ -158,7 +179,8 @@ class ActuatorService:
             builders = await self.directory.lookup(host, name) if alert.firing and host and name else {}
             refs = None if builders is None else {k: b.ref for k, b in builders.items()}
             d = D.decide(alert, self.cfg, refs, self.directory.changed_since(host, name))
-            d = self.claims.settle(d, claim=not self.dry_run)
+            # Off the event loop: the state file's lock may be held elsewhere (it waits a bounded time).
+            d = await self._state_call(self.claims.settle, d, not self.dry_run)
             self.recorder.decision(d)
             if d.accepted and builders is not None:  # accepted only when the builders are known
                 task = asyncio.get_running_loop().create_task(self._run(d, builders[(d.host, d.builder)]),
@@ -186,10 +208,10 @@ class ActuatorService:
         except Exception:
             log.exception("prune of %s/%s failed unexpectedly", d.host, d.builder)
             if not self.dry_run:
-                self.claims.release(d, ran)
+                await self._state_call(self.claims.release, d, ran)
         else:
             if not self.dry_run:
-                self.claims.release(d, ran)
+                await self._state_call(self.claims.release, d, ran)
 
     async def drain(self, grace: float = DRAIN_TIMEOUT) -> None:
         """On SIGTERM, while the listener stays open: refuse new work (503, which Alertmanager
@@ -208,3 +230,4 @@ class ActuatorService:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         self.executor.close()
+        self._state_pool.shutdown(wait=False)

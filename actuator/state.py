@@ -17,8 +17,11 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -27,6 +30,8 @@ log = logging.getLogger("actuator")
 
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024  # entries exist only for configured builders and actions: a few kB
+FUTURE_SLACK = 60.0  # a `started` later than now by more than this is a clock that jumped back
+LOCK_TIMEOUT = 0.5  # seconds to wait for the state lock: another process holding it longer is a fault
 
 
 class StateError(Exception):
@@ -80,10 +85,12 @@ class MemoryState:
     def __init__(self) -> None:
         self.owner = uuid.uuid4().hex
         self._shared = Shared({})
+        self._lock = threading.Lock()  # claims are settled in worker threads, off the event loop
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Shared]:
-        yield self._shared
+        with self._lock:
+            yield self._shared
 
 
 class StateFile:
@@ -108,13 +115,26 @@ class StateFile:
         except OSError as exc:
             raise StateError(f"cannot open {self._lock_path}: {exc.strerror}") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._lock_within(fd, LOCK_TIMEOUT)
             shared = Shared(self._read())
             yield shared
             if shared.changed:
                 self._write(shared.entries)
         finally:
             os.close(fd)  # closing releases the lock
+
+    def _lock_within(self, fd: int, seconds: float) -> None:
+        """flock, waiting at most `seconds`: a lock another process keeps is an error, never a hang."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateError(f"{self._lock_path} is held by another process for over {seconds:g}s "
+                                     "(`fuser` names it)") from None
+                time.sleep(0.02)
 
     def _read(self) -> dict[Key, Entry]:
         try:
@@ -130,16 +150,41 @@ class StateFile:
             data = json.loads(raw)
             if data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version')!r}, this actuator writes {VERSION}")
-            return {_decode(k): Entry(float(v["started"]), bool(v["running"]), float(v["busy_until"]), str(v["owner"]))
-                    for k, v in data["claims"].items()}
+            entries = {_decode(k): Entry(float(v["started"]), bool(v["running"]), float(v["busy_until"]),
+                                         str(v["owner"])) for k, v in data["claims"].items()}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            # A damaged file must not stop prunes for good, nor be silently trusted: say so, start over.
-            log.error("state file %s is unreadable (%s); starting from no claims", self.path, exc)
+            # A damaged file must not stop prunes for good, nor be silently trusted: say so, keep it
+            # aside for a look, start over.
+            aside = f"{self.path}.damaged-{int(time.time())}"
+            try:
+                os.replace(os.path.realpath(self.path), aside)
+            except OSError:
+                aside = "(could not be moved aside)"
+            log.error("state file %s is unreadable (%s); moved to %s, starting from no claims", self.path, exc, aside)
             return {}
+        return self._distrusted(entries)
+
+    def _distrusted(self, entries: dict[Key, Entry]) -> dict[Key, Entry]:
+        """Times that cannot be right are not obeyed: NaN, infinite or absurd ones are dropped, a start
+        in the future (a clock that jumped back) is taken as now; each is logged."""
+        now = self.clock()
+        out = {}
+        for key, e in entries.items():
+            if not all(math.isfinite(t) and 0 <= t < now + 366 * 86400 for t in (e.started, e.busy_until)):
+                log.error("state file %s: %s of %s/%s has impossible times (started %r, busy until %r); dropped",
+                          self.path, key[2], key[0], key[1], e.started, e.busy_until)
+                continue
+            if e.started > now + FUTURE_SLACK:
+                log.warning("state file %s: %s of %s/%s started %.0fs in the future (the clock went back?); "
+                            "taken as started now", self.path, key[2], key[0], key[1], e.started - now)
+                e = Entry(now, e.running, min(e.busy_until, now + (e.busy_until - e.started)), e.owner)
+            out[key] = e
+        return out
 
     def _write(self, entries: dict[Key, Entry]) -> None:
         data = {"version": VERSION, "claims": {_encode(k): asdict(e) for k, e in sorted(entries.items())}}
-        folder = os.path.dirname(os.path.abspath(self.path))
+        target = os.path.realpath(self.path)  # a symlinked state file: its target is rewritten, not the link
+        folder = os.path.dirname(target)
         try:
             fd, tmp = tempfile.mkstemp(prefix=".state-", dir=folder)
             try:
@@ -147,7 +192,7 @@ class StateFile:
                     json.dump(data, f, separators=(",", ":"))
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.path)
+                os.replace(tmp, target)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)

@@ -270,6 +270,10 @@ async def test_resolved_notifications_prune_nothing(harness):
     assert r.status == 200 and (await r.json())["alerts"][0]["decision"] == D.RESOLVED
     await h.settle()
     assert h.builders["kamal"].prunes == []
+    # Counted and audited with the action and builder it named, not as "unknown".
+    assert h.metric("buildkit_cache_actuator_alerts_total", action="prune-to-budget", decision=D.RESOLVED) == 1
+    (line,) = [e for e in h.audit_lines() if e["event"] == "skipped"]
+    assert (line["action"], line["host"], line["builder"]) == ("prune-to-budget", "h1", "kamal")
 
 
 async def test_unknown_action_or_builder_is_2xx_logged_counted_and_prunes_nothing(harness):
@@ -284,7 +288,19 @@ async def test_unknown_action_or_builder_is_2xx_logged_counted_and_prunes_nothin
     assert h.metric("buildkit_cache_actuator_alerts_total", action="prune-idle", decision=D.UNKNOWN_BUILDER) == 1
     skipped = [e for e in h.audit_lines() if e["event"] == "skipped"]
     assert [e["decision"] for e in skipped] == [D.UNKNOWN_ACTION, D.UNKNOWN_BUILDER]
-    assert "no builder 'ghost' on host 'h1'" in skipped[1]["reason"]
+    assert "no builder 'ghost' on host 'h1'; builders known here: h1/kamal, h1/limited, h1/nobudget" in \
+        skipped[1]["reason"]
+    # A typo in a prune-to-budget rule is an unknown builder too, not a missing budget.
+    r = await h.post(notification(alert(builder="kamall", fp="typo")))
+    assert (await r.json())["alerts"][0]["decision"] == D.UNKNOWN_BUILDER
+
+
+async def test_the_actuators_metrics_carry_no_created_series(harness):
+    h = await harness.start()
+    await h.post(notification(alert()))
+    await h.settle()
+    text = await (await h.client.get("/metrics")).text()
+    assert "buildkit_cache_actuator_prunes_total{" in text and "_created" not in text
 
 
 async def test_bad_credentials_get_401_and_change_nothing(harness):
@@ -520,3 +536,35 @@ async def test_lookups_are_warmed_at_start_and_a_slow_host_delays_only_its_own()
     assert sorted(inv.calls) == ["quick", "slow"]
     assert ("slow", "kamal") in await directory.lookup("slow", "kamal")
     assert sorted(inv.calls) == ["quick", "slow"]  # answered from what the warm-up found
+
+
+async def test_a_state_lock_held_by_another_process_gets_503_fast_and_healthz_says_why(aiohttp_client, tmp_path):
+    """M2: nothing waits on the lock on the event loop: both answers within a second."""
+    import fcntl
+    import os
+
+    state = tmp_path / "state.json"
+    h = await Harness(aiohttp_client, tmp_path).start(state=StateFile(str(state), time.time))
+    fd = os.open(str(state) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        r = await h.post(notification(alert(builder="kamal")))
+        assert r.status == 503 and (await r.json())["alerts"][0]["decision"] == D.STATE_FAILED
+        health = await h.client.get("/healthz")
+        assert health.status == 503 and "held by another process" in await health.text()
+        assert time.monotonic() - started < 2.0
+    finally:
+        os.close(fd)
+    assert (await h.client.get("/healthz")).status == 200
+    assert h.builders["kamal"].prunes == []
+
+
+async def test_an_alert_that_ended_is_not_acted_on(harness):
+    h = await harness.start()
+    body = notification(alert(builder="kamal"))
+    body["alerts"][0]["endsAt"] = "2020-01-01T00:00:00Z"  # firing, but it ended long ago: an old notification
+    r = await h.post(body)
+    assert r.status == 200 and (await r.json())["alerts"][0]["decision"] == D.EXPIRED
+    await h.settle()
+    assert h.builders["kamal"].prunes == []

@@ -155,3 +155,78 @@ async def test_a_prune_cut_off_by_shutdown_is_recorded_and_its_claim_outlives_th
                     result="interrupted") == 1
     # A new process finds the claim and starts no second prune.
     assert claims(tmp_path / "state.json", time.time).settle(decide()).decision == D.BUSY
+
+
+def test_a_claim_that_could_not_be_released_expires_at_its_busy_until(tmp_path):
+    """M3: a release that failed (a read-only state disk for a moment) leaves the claim running; it
+    blocks re-sends only until its hold ends, not for the life of the process."""
+    clock = Clock()
+    c = claims(tmp_path / "state.json", clock, cooldown=0.0)
+    assert c.settle(decide()).accepted  # ...and its release never reaches the file
+    clock.t += 30
+    assert c.settle(decide()).decision == D.BUSY
+    clock.t += HOLD
+    assert c.settle(decide()).accepted
+
+
+def write_state(path, started, busy_until, running=True):
+    path.write_text(json.dumps({"version": 1, "claims": {json.dumps(["h1", "kamal", "prune-to-budget"]): {
+        "started": started, "running": running, "busy_until": busy_until, "owner": "gone"}}}))
+
+
+def test_a_start_in_the_future_blocks_for_one_cooldown_at_most(tmp_path, caplog):
+    """M4: a clock that jumped back a year must not block the action for a year."""
+    clock = Clock()
+    write_state(tmp_path / "state.json", clock.t + 365 * 86400 - 10, clock.t + 365 * 86400 + 600, running=False)
+    c = claims(tmp_path / "state.json", clock)
+    d = c.settle(decide())
+    assert d.decision == D.COOLDOWN and "cooldown ends in 3600s" in d.reason
+    assert any("in the future" in m for m in caplog.messages)
+    clock.t += 3600
+    assert c.settle(decide()).accepted
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", 1e300, -5])
+def test_impossible_times_in_the_state_file_are_dropped_not_obeyed_nor_fatal(tmp_path, caplog, bad):
+    """M5: NaN, infinite or absurd times are dropped with a log line; start-up goes on."""
+    clock = Clock()
+    write_state(tmp_path / "state.json", clock.t - 10, float(bad))
+    state = StateFile(str(tmp_path / "state.json"), clock)
+    assert state.check() == []  # nothing left running, nothing raised
+    assert any("impossible times" in m for m in caplog.messages)
+    assert claims(tmp_path / "state.json", clock).settle(decide()).accepted
+
+
+def test_an_unparsable_state_file_is_moved_aside_and_started_afresh(tmp_path, caplog):
+    (tmp_path / "state.json").write_text("{not json")
+    clock = Clock()
+    assert claims(tmp_path / "state.json", clock).settle(decide()).accepted
+    aside = list(tmp_path.glob("state.json.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_text() == "{not json"
+    assert any("moved to" in m for m in caplog.messages)
+
+
+def test_a_symlinked_state_file_is_followed_not_replaced(tmp_path):
+    real = tmp_path / "data" / "state.json"
+    real.parent.mkdir()
+    (tmp_path / "state.json").symlink_to(real)
+    c = claims(tmp_path / "state.json", Clock())
+    assert c.settle(decide()).accepted
+    assert (tmp_path / "state.json").is_symlink() and "kamal" in real.read_text()
+
+
+def test_a_state_lock_held_elsewhere_is_an_error_within_a_second_not_a_hang(tmp_path):
+    """M2: `flock state.json.lock sleep 25` in another process: the claim fails fast (503 upstream)."""
+    import fcntl
+
+    path = tmp_path / "state.json"
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: as another process's
+    try:
+        started = time.monotonic()
+        d = claims(path, Clock()).settle(decide())
+        assert d.decision == D.STATE_FAILED and "held by another process" in d.reason
+        assert time.monotonic() - started < 1.0
+    finally:
+        os.close(fd)
+    assert claims(path, Clock()).settle(decide()).accepted

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import yaml
 
@@ -92,11 +93,11 @@ def test_rules_hard_code_no_byte_thresholds():
 
 def test_dashboard_has_the_variables_and_panels_users_expect():
     dash = json.loads((DEPLOY / "grafana" / "buildkit-cache.json").read_text())
-    assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "instance", "builder"]
+    assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "instance", "host", "builder"]
     titles = {p["title"] for p in dash["panels"]}
     assert {"Cache by record type", "In use, shared, reclaimable", "State volume, cache and budget",
             "Filesystem used (bytes)", "Filesystem used (inodes)", "Idle bytes by age", "GC policy caps",
-            "Prunes", "Bytes reclaimed", "Measurements"} <= titles
+            "Prunes", "Bytes reclaimed", "Measurements", "Cache by Docker host", "Fullest filesystem by Docker host"} <= titles
     by_title = {p["title"]: p for p in dash["panels"]}
     steps = by_title["Filesystem used (bytes)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert [s["value"] for s in steps[1:]] == [0.85, 0.95]  # the alert thresholds, drawn
@@ -139,3 +140,47 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
             assert key in ini["Service"], (unit.name, key)
     done = run("systemd-analyze", "verify", f"--root={root}", *units)
     assert done.returncode == 0 and done.stdout + done.stderr == "", done.stdout + done.stderr
+
+
+def commented_examples(text: str) -> list[tuple[int, str]]:
+    """Each commented-out example of the file, uncommented alone: (its first line, the whole file
+    with it uncommented). An example starts at a line `<indent># key:` (or `# - key:`) and goes on
+    while the next lines are commented at the same column and indented further."""
+    lines = text.splitlines()
+    out = []
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^(\s*)# ((?:- )?[A-Za-z_][\w.-]*:(?: |$).*)$", lines[i])
+        if not m:
+            i += 1
+            continue
+        col, start = len(m.group(1)), i
+        block = [m.group(1) + m.group(2)]
+        i += 1
+        while i < len(lines):
+            n = re.match(r"^(\s*)# ( +\S.*)$", lines[i])
+            if not n or len(n.group(1)) != col or n.group(2).lstrip().startswith("#"):
+                break
+            block.append(n.group(1) + n.group(2))
+            i += 1
+        out.append((start + 1, "\n".join(lines[:start] + block + lines[i:]) + "\n"))
+    return out
+
+
+def test_every_commented_example_of_the_example_config_is_valid(tmp_path):
+    """Uncommented one at a time, each example passes --check-config of both programs."""
+    text = (ROOT / "deploy/config.example.yml").read_text()
+    examples = commented_examples(text)
+    assert len(examples) >= 7, [n for n, _ in examples]  # docker host, builders, auth, tls, actions...
+    for line, config in examples:
+        path = tmp_path / f"example-{line}.yml"
+        path.write_text(config)
+        for prog in ("buildkit_cache.exporter", "buildkit_cache.actuator"):
+            done = subprocess.run([sys.executable, "-m", prog, "--config", str(path), "--check-config"],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=60)
+            # The actuator also reads its secret files at --check-config: missing ones are not the
+            # example's fault. Anything about the config's keys and values is.
+            problems = [x for x in done.stderr.splitlines() if "unknown key" in x or "expected" in x]
+            assert not problems, f"deploy/config.example.yml line {line}, {prog}: {problems}"
+            if prog == "buildkit_cache.exporter":
+                assert done.returncode == 0, f"line {line}: {done.stderr}"

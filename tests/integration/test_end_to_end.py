@@ -78,7 +78,7 @@ def test_over_budget_cache_is_pruned_by_the_shipped_rules_and_route(big_cache, s
 def fill(expr: str, instance: str) -> str:
     """Variables as Grafana fills them: regex-escaped, with backslashes doubled inside PromQL strings."""
     escaped = re.escape(instance).replace("\\", "\\\\")
-    return (expr.replace("$instance", escaped).replace("$builder", "default|kamal")
+    return (expr.replace("$instance", escaped).replace("$host", ".+").replace("$builder", "default|kamal")
             .replace("$__rate_interval", "1m").replace("$__interval", "15s"))
 
 
