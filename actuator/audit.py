@@ -3,6 +3,7 @@ configured, in a file, counted in the actuator's metrics by the same call."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,10 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class AuditError(Exception):
+    """A line that had to be on disk could not be written."""
+
+
 class AuditLog:
     """Appends JSON lines to stderr and, with a path, to a file."""
 
@@ -53,7 +58,9 @@ class AuditLog:
         self.failure = ""  # why the file cannot be written now ("" while it can)
         self.on_failure: Callable[[], None] = lambda: None
 
-    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+    def record(self, event: str, durable: bool = False, **fields: Any) -> dict[str, Any]:
+        """Append one line. `durable`: it is on disk (fsync) when this returns, or AuditError is
+        raised and the line is not kept: what must be on record before something is done."""
         entry = {"ts": round(self.clock(), 3), "event": event,
                  **{k: _clean(v) for k, v in fields.items() if v is not None}}
         line = json.dumps(entry, sort_keys=False, separators=(",", ":"))
@@ -61,7 +68,10 @@ class AuditLog:
         if self.path:
             with self._lock:
                 self.pending.append(line)
-                self._flush()
+                self._flush(durable)
+                if durable and self.failure:
+                    self.pending.remove(line)
+                    raise AuditError(self.failure)
         return entry
 
     def writable(self) -> bool:
@@ -72,12 +82,23 @@ class AuditLog:
             self._flush()
             return not self.failure
 
-    def _flush(self) -> None:
+    def _flush(self, durable: bool = False) -> None:
         if not self.path:
             return
         try:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in self.pending))
+            with open(self.path, "ab") as f:
+                start = f.tell()
+                try:
+                    f.write("".join(line + "\n" for line in self.pending).encode())
+                    f.flush()
+                    if durable:
+                        os.fsync(f.fileno())
+                except OSError:
+                    # A line cut short by a full disk must not be glued to the next one: take back
+                    # whatever of this write reached the file.
+                    with contextlib.suppress(OSError):
+                        f.truncate(start)
+                    raise
         except OSError as exc:
             if not self.failure:
                 log.error("cannot write the audit trail %s: %s; no new prunes until it can be written "
@@ -141,6 +162,10 @@ class Recorder:
         if not d.accepted:
             self.audit.record("skipped", decision=d.decision, reason=d.reason, action=d.action_name,
                               host=d.host or None, builder=d.builder or None, fingerprint=d.fingerprint)
+
+    def accepted(self, d: Decision) -> None:
+        """An accepted prune, on disk before it starts (raises AuditError if it cannot be)."""
+        self.audit.record("accepted", durable=True, **self._common(d), request=_request(d))
 
     def started(self, d: Decision, cache_bytes: int | None, disk_avail_bytes: int | None) -> None:
         self.audit.record("started", **self._common(d), request=_request(d), cache_bytes=cache_bytes,

@@ -40,9 +40,10 @@ BUILDER_CHANGED = "builder_changed"  # the name means another builder than when 
 EXPIRED = "expired"  # the alert ended (endsAt in the past): an old notification
 LOOKUP_FAILED = "builder_lookup_failed"  # the Docker host could not be asked: answered 503, retried
 STATE_FAILED = "state_unwritable"  # the claim could not be recorded: answered 503, retried
-RETRY_LATER = (LOOKUP_FAILED, STATE_FAILED)
+AUDIT_FAILED = "audit_unwritable"  # the prune could not be put on record first: answered 503, retried
+RETRY_LATER = (LOOKUP_FAILED, STATE_FAILED, AUDIT_FAILED)
 DECISIONS = (ACCEPTED, RESOLVED, NO_ACTION, UNKNOWN_ACTION, MISSING_BUILDER, NOT_ALLOWED, NO_BUDGET,
-             COOLDOWN, BUSY, UNKNOWN_BUILDER, BUILDER_CHANGED, EXPIRED, LOOKUP_FAILED, STATE_FAILED)
+             COOLDOWN, BUSY, UNKNOWN_BUILDER, BUILDER_CHANGED, EXPIRED, LOOKUP_FAILED, STATE_FAILED, AUDIT_FAILED)
 
 
 @dataclass(frozen=True)

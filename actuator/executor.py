@@ -93,7 +93,7 @@ class PruneExecutor:
         try:
             records, plan = await self._thread(estimate, LOOKUP_TIMEOUT)
         except (BuilderError, TimeoutError) as exc:
-            return Outcome(FAILURE, f"cannot read the records: {exc or 'timed out'}")
+            return Outcome(FAILURE, f"cannot read the records: {str(exc) or 'timed out'}")
         return Outcome(DRY_RUN, records=len(plan), reclaimed_bytes=sum(r.size for r in plan),
                        cache_bytes_before=sum(r.size for r in records), planned=tuple(plan))
 
@@ -103,7 +103,7 @@ class PruneExecutor:
             try:
                 records = await self._thread(builder.records, LOOKUP_TIMEOUT)
             except (BuilderError, TimeoutError) as exc:
-                log.info("cannot read the records of %s (attempt %d): %s", builder.ref, attempt, exc or "timed out")
+                log.info("cannot read the records of %s (attempt %d): %s", builder.ref, attempt, str(exc) or "timed out")
                 await asyncio.sleep(0.5)
                 continue
             return sum(r.size for r in records)

@@ -8,6 +8,7 @@ import concurrent.futures
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from buildkit_cache.builders import Builder
@@ -16,7 +17,7 @@ from buildkit_cache.errors import BuilderError
 from buildkit_cache.inventory import BuilderSource
 
 from . import decide as D
-from .audit import Recorder
+from .audit import AuditError, Recorder
 from .executor import PruneExecutor
 from .payload import Notification
 from .state import MemoryState, StateError, StateFile
@@ -26,6 +27,7 @@ T = TypeVar("T")
 
 DISCOVERY_TIMEOUT = 10.0  # a notification's reply waits at most this for a Docker host's builder list
 FRESH = 2.0  # a builder list younger than this is not asked for again, even for a name it lacks
+FAILED_FOR = 10.0  # a host that could not be asked is not asked again for this long: its alerts get 503 at once
 HEALTH_EVERY = 10.0  # seconds between /healthz's checks of the Docker hosts
 CLAIM_MARGIN = 60.0  # seconds a dead process's running claim holds beyond prune_timeout
 DRAIN_TIMEOUT = 30.0  # seconds SIGTERM waits for running prunes (compose: stop_grace_period 45s)
@@ -44,6 +46,7 @@ class Directory:
         self.cache: dict[str, tuple[float, dict[tuple[str, str], Builder]]] = {}
         # One lock per Docker host: a slow or hung host delays lookups on that host only.
         self.locks: dict[str, asyncio.Lock] = {}
+        self.failed: dict[str, float] = {}  # host -> when asking it last failed (monotonic)
         # What each builder name meant when last seen (container, volume), and since when it means
         # another builder than before (wall clock), if it ever did.
         self.meaning: dict[tuple[str, str], tuple[tuple[str, str], float | None]] = {}
@@ -80,17 +83,24 @@ class Directory:
             return remotes
         if host not in self.locks:
             self.locks[host] = asyncio.Lock()
+        if self.clock() - self.failed.get(host, float("-inf")) < FAILED_FOR:
+            return None  # a dead host costs its own alerts only, and only once every FAILED_FOR
         async with self.locks[host]:
             cached = self.cache.get(host)
             if cached and self.clock() - cached[0] < FRESH:
                 return {**remotes, **cached[1]}
+            if self.clock() - self.failed.get(host, float("-inf")) < FAILED_FOR:
+                return None  # it failed while this lookup waited for the lock
             try:
                 loop = asyncio.get_running_loop()
                 found = await asyncio.wait_for(loop.run_in_executor(None, self.inventory.discover, host),
                                                DISCOVERY_TIMEOUT)
             except (BuilderError, TimeoutError) as exc:
-                log.warning("cannot list the builders of Docker host %s: %s", host, exc or "timed out")
+                log.warning("cannot list the builders of Docker host %s: %s; asked again in %gs", host,
+                            str(exc) or f"no answer within {DISCOVERY_TIMEOUT:g}s", FAILED_FOR)
+                self.failed[host] = self.clock()
                 return None
+            self.failed.pop(host, None)
             for line in found.refused:
                 log.error("docker host %s: %s", host, line)
             self.cache[host] = (self.clock(), {b.ref.key: b for b in found.builders})
@@ -132,7 +142,7 @@ class ActuatorService:
             try:
                 await asyncio.wait_for(loop.run_in_executor(None, host.version), 5.0)
             except (BuilderError, TimeoutError) as exc:
-                problem = f"docker host {name}: {exc or 'no answer within 5s'}"
+                problem = f"docker host {name}: {str(exc) or 'no answer within 5s'}"
                 break
         self._docker_checked = (time.monotonic(), problem)
         return problem
@@ -181,6 +191,13 @@ class ActuatorService:
             d = D.decide(alert, self.cfg, refs, self.directory.changed_since(host, name))
             # Off the event loop: the state file's lock may be held elsewhere (it waits a bounded time).
             d = await self._state_call(self.claims.settle, d, not self.dry_run)
+            if d.accepted:
+                try:  # no prune without its line on disk first
+                    await self._state_call(self.recorder.accepted, d)
+                except AuditError as exc:
+                    if not self.dry_run:
+                        await self._state_call(self.claims.release, d, False)
+                    d = replace(d, decision=D.AUDIT_FAILED, reason=f"cannot put the prune on record, so no prune: {exc}")
             self.recorder.decision(d)
             if d.accepted and builders is not None:  # accepted only when the builders are known
                 task = asyncio.get_running_loop().create_task(self._run(d, builders[(d.host, d.builder)]),

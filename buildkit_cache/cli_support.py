@@ -76,10 +76,12 @@ Drain = Callable[[], Awaitable[None]]
 
 def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str,
           ssl_context: ssl.SSLContext | None = None, drain: Drain | None = None) -> int:
-    """Run an aiohttp app until SIGTERM or SIGINT; the exit code.
+    """Run an aiohttp app until SIGTERM, SIGINT or SIGHUP; the exit code.
 
     On the signal, `drain` runs first while the listener stays open (the actuator answers 503 and
-    lets running prunes finish), then the server stops: connections are never refused meanwhile."""
+    lets running prunes finish), then the server stops: connections are never refused meanwhile.
+    SIGHUP (a closed terminal, `systemctl kill -s HUP`) stops it the same way: nothing is reloaded,
+    the config is read at start, so a supervisor's restart is how a new config is taken."""
     log = logging.getLogger(prog)
 
     async def run() -> None:
@@ -90,7 +92,7 @@ def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str
             log.info("%s", started)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
             log.info("shutting down")

@@ -78,6 +78,9 @@ class DockerHost:
         self.host_root = host_root
         self._client: docker.APIClient | None = None
         self._lock = threading.Lock()
+        # Commands given up on while still running in their container, by (container, argv): their
+        # exec id, so that no second one is started beside a hung first one.
+        self._given_up: dict[tuple[str, tuple[str, ...]], str] = {}
 
     def __repr__(self) -> str:
         return f"DockerHost({self.name!r}, {self.url!r})"
@@ -216,8 +219,20 @@ class DockerHost:
         for minutes before printing needs a longer one than an API call.
         """
 
+        key = (container, tuple(argv))
+
         def call(c: docker.APIClient) -> ExecResult:
             limit = timeout or self.timeout
+            earlier = self._given_up.get(key)
+            if earlier is not None:
+                try:
+                    running = bool(c.exec_inspect(earlier).get("Running"))
+                except docker.errors.NotFound:
+                    running = False  # the container was restarted: its execs are gone
+                if running:
+                    raise Unavailable(f"`{' '.join(argv[:6])}` started earlier in {container} is still running "
+                                      "there (a hung builder?); not starting another beside it")
+                self._given_up.pop(key, None)
             deadline = time.monotonic() + limit
             created = c.exec_create(container, list(argv), stdout=True, stderr=True)
             sock = c.exec_start(created["Id"], socket=True)
@@ -225,16 +240,20 @@ class DockerHost:
             try:
                 raw = getattr(sock, "_sock", sock)
                 pipe = getattr(getattr(raw, "proc", None), "stdout", None)
-                if type(raw) is socket.socket:  # unix:// and plain tcp://: a deadline of our own
-                    out, err = _read_exec_stream(_socket_reader(raw), deadline, limit, what)
-                elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
-                    out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what)
-                else:  # TLS sockets: the SDK's reader, with its per-read timeout
-                    for s in (sock, raw):
-                        if hasattr(s, "settimeout"):
-                            s.settimeout(limit)
-                    frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
-                    out, err = consume_socket_output(frames, demux=True)
+                try:
+                    if type(raw) is socket.socket:  # unix:// and plain tcp://: a deadline of our own
+                        out, err = _read_exec_stream(_socket_reader(raw), deadline, limit, what)
+                    elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
+                        out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what)
+                    else:  # TLS sockets: the SDK's reader, with its per-read timeout
+                        for s in (sock, raw):
+                            if hasattr(s, "settimeout"):
+                                s.settimeout(limit)
+                        frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
+                        out, err = consume_socket_output(frames, demux=True)
+                except (Unavailable, OSError):
+                    self._given_up[key] = created["Id"]  # it may still run there: the next one waits for it
+                    raise
             finally:
                 _close_quietly(sock)
             code = c.exec_inspect(created["Id"]).get("ExitCode")

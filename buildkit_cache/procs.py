@@ -4,14 +4,26 @@ Docker host, nothing from an alert."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import signal
 import subprocess
 import time
 
 from .errors import BuilderError, Unavailable
 
 MAX_OUTPUT = 64 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: the kernel kills it when the process that started it ends, so a du
+    or buildctl never outlives a stopped exporter or actuator under PID 1."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the deadline below still ends it
 
 
 def run_capped(argv: list[str], timeout: float, what: str, cap: int = MAX_OUTPUT) -> tuple[int, str, str]:
@@ -26,7 +38,8 @@ def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
     """`run_capped` for several commands at once, side by side (one deadline for all of them)."""
     env = {**os.environ, "LC_ALL": "C"}
     procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
-                              stderr=subprocess.PIPE, env=env) for argv in argvs]
+                              stderr=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
+             for argv in argvs]
     bufs = [(bytearray(), bytearray()) for _ in procs]
     deadline = time.monotonic() + timeout
     try:

@@ -55,6 +55,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def accepts_gzip(header: str) -> bool:
+    """Whether an Accept-Encoding header admits gzip: listed (or `*`) with a q-value above 0."""
+    allowed: dict[str, bool] = {}
+    for part in header.split(","):
+        name, _, params = part.strip().partition(";")
+        q = 1.0
+        for p in params.split(";"):
+            key, _, val = p.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(val)
+                except ValueError:
+                    q = 0.0
+        allowed[name.strip().lower()] = q > 0
+    return allowed.get("gzip", allowed.get("*", False))
+
+
 def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Application:
     """The HTTP server; with `run`, the collection runs in the background while it serves."""
     from .metrics import Exposition
@@ -64,7 +81,7 @@ def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Appli
 
     async def metrics(request: web.Request) -> web.Response:
         headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
-        gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=exposition.render(gzipped), headers=headers)

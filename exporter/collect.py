@@ -53,6 +53,7 @@ class Result:
     value: Any = None
     error: str = ""
     last_success_timestamp: float | None = None
+    failures: int = 0  # failed runs in a row: a builder that keeps failing is asked less and less often
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,10 @@ class Collection:
             return  # the builder left while it was being measured
         previous = state.results.get(measurement)
         if not result.success and previous is not None:
-            result = replace(result, last_success_timestamp=previous.last_success_timestamp)
+            result = replace(result, last_success_timestamp=previous.last_success_timestamp,
+                             failures=previous.failures + 1)
+        elif not result.success:
+            result = replace(result, failures=1)
         self._set_builder(key, replace(state, results={**state.results, measurement: result}))
 
     def _confirm(self, key: Key, measurements: Sequence[str]) -> None:
@@ -222,7 +226,11 @@ class Collection:
         since = now - mark.ran
         if since >= self.intervals[REFRESH]:
             return True
-        if since < self.intervals[m.name]:
+        last = self._result(key, m.name)
+        failures = last.failures if last is not None else 0
+        # A measurement that keeps failing (a hung builder) backs off: 1, 2, 4 ... intervals, at most
+        # the refresh interval; buildkit_cache_measurement_consecutive_failures says so.
+        if since < min(self.intervals[m.name] * 2 ** min(max(failures - 1, 0), 10), self.intervals[REFRESH]):
             return False
         # Unchanged since its last success: nothing to ask. The filesystem (statvfs where the state
         # is visible) costs nothing and sees what else fills the disk: it runs on its interval.

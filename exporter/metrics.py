@@ -46,8 +46,12 @@ class CacheCollector(Collector):
         own = [(m, m.families()) for m in MEASUREMENTS]
         success = gauge("measurement_success", "1 if the last run of the measurement succeeded, else 0.", "measurement")
         duration = gauge("measurement_duration_seconds", "How long the last run of the measurement took.", "measurement")
-        last_ok = gauge("measurement_last_success_timestamp_seconds", "When the measurement last succeeded (Unix time).",
-                        "measurement")
+        last_ok = gauge("measurement_last_success_timestamp_seconds",
+                        "When the measurement's figures were last known right: its last success, or a later check "
+                        "that found the builder unchanged (Unix time).", "measurement")
+        failures = gauge("measurement_consecutive_failures",
+                         "Failed runs of the measurement in a row; while it fails it is retried less and less often.",
+                         "measurement")
         budget = gauge("budget_bytes", "The byte budget configured for the builder (builders.<name>.budget).")
         builder_info = info("builder", "The builder's driver, BuildKit version, container, volume and address.",
                             "driver", "buildkit_version", "container", "volume", "address")
@@ -68,6 +72,7 @@ class CacheCollector(Collector):
                     continue  # not run yet, or not a measurement of this builder
                 success.add_metric([*labels, m.name], 1.0 if r.success else 0.0)
                 duration.add_metric([*labels, m.name], r.duration_seconds)
+                failures.add_metric([*labels, m.name], r.failures)
                 if r.last_success_timestamp is not None:
                     last_ok.add_metric([*labels, m.name], r.last_success_timestamp)
                 if r.success and r.value is not None:
@@ -92,7 +97,8 @@ class CacheCollector(Collector):
 
         for _m, families in own:
             yield from families.values()
-        yield from (success, duration, last_ok, budget, host_up, builder_info, host_info, conflicts, build_info)
+        yield from (success, duration, last_ok, failures, budget, host_up, builder_info, host_info, conflicts,
+                    build_info)
 
 
 def registry_for(snapshot: Snapshot | Callable[[], Snapshot], cfg: Config) -> CollectorRegistry:

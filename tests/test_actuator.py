@@ -19,6 +19,7 @@ from buildkit_cache.actuator.service import ActuatorService, Directory
 from buildkit_cache.actuator.state import StateFile
 from buildkit_cache.builders import Discovered
 from buildkit_cache.config import parse_config
+from buildkit_cache.errors import Unavailable
 from buildkit_cache.models import DRIVER_CONTAINER, BuilderRef, PruneRequest
 from tests.support.recorded import RecordedBuilder, StaticInventory
 
@@ -568,3 +569,70 @@ async def test_an_alert_that_ended_is_not_acted_on(harness):
     assert r.status == 200 and (await r.json())["alerts"][0]["decision"] == D.EXPIRED
     await h.settle()
     assert h.builders["kamal"].prunes == []
+
+
+async def test_a_prune_is_on_disk_before_it_starts_or_does_not_start(harness, monkeypatch):
+    """M1: the accepted line is written and fsync'd before BuildKit is asked; a full disk (fsync's
+    ENOSPC) refuses the prune with 503 and leaves no cut-off line for the next one to be glued to."""
+    import errno
+
+    import buildkit_cache.actuator.audit as audit_module
+
+    h = await harness.start()
+    real_fsync = audit_module.os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_module.os, "fsync", full)
+    r = await h.post(notification(alert(builder="kamal")))
+    assert r.status == 503 and (await r.json())["alerts"][0]["decision"] == D.AUDIT_FAILED
+    await h.settle()
+    assert h.builders["kamal"].prunes == []
+    text = h.audit_path.read_text()
+    assert all(json.loads(line) for line in text.splitlines())  # whole lines only
+    assert '"event":"accepted"' not in text
+    monkeypatch.setattr(audit_module.os, "fsync", real_fsync)  # space again: the re-send prunes
+    r = await h.post(notification(alert(builder="kamal")))
+    assert r.status == 200 and (await r.json())["alerts"][0]["decision"] == D.ACCEPTED
+    await h.settle()
+    assert len(h.builders["kamal"].prunes) == 1
+    events = [e["event"] for e in h.audit_lines()]
+    assert events.index("accepted") < events.index("started") < events.index("pruned")
+
+
+class _DeadHost:
+    """Host `dead` accepts and never answers (discovery hangs); `live` answers at once."""
+
+    def __init__(self):
+        self.hosts = {"dead": None, "live": None}
+        self.remotes = []
+        self.calls = []
+
+    def discover(self, host):
+        self.calls.append(host)
+        if host == "dead":
+            time.sleep(3)
+            raise Unavailable("GET /info on dead: no answer")
+        return Discovered(builders=[RecordedBuilder("kamal", host=host)])
+
+
+async def test_a_dead_host_costs_its_own_alerts_once_not_every_reply(monkeypatch):
+    """M6: six lookups of a dead host at once wait for one failure, not six in a row; the next ones
+    fail at once for a while; a live host is answered meanwhile in milliseconds."""
+    import buildkit_cache.actuator.service as service_module
+
+    monkeypatch.setattr(service_module, "DISCOVERY_TIMEOUT", 1.0)
+    inv = _DeadHost()
+    directory = Directory(inv)
+    started = time.monotonic()
+    dead = [asyncio.create_task(directory.lookup("dead", "kamal")) for _ in range(6)]
+    await asyncio.sleep(0.1)
+    live_started = time.monotonic()
+    assert ("live", "kamal") in await directory.lookup("live", "kamal")
+    assert time.monotonic() - live_started < 0.5
+    assert await asyncio.gather(*dead) == [None] * 6
+    assert time.monotonic() - started < 2.5  # one timeout, not six
+    again = time.monotonic()
+    assert await directory.lookup("dead", "kamal") is None and time.monotonic() - again < 0.1
+    assert inv.calls.count("dead") == 1

@@ -256,3 +256,22 @@ def test_a_token_file_readable_by_everyone_is_warned_about(tmp_path):
     assert "is readable by every user (mode 0644)" in run("--config", str(cfg), "--check-config").stderr
     os.chmod(token, 0o640)
     assert "readable by every user" not in run("--config", str(cfg), "--check-config").stderr
+
+
+def test_sighup_drains_and_stops_like_sigterm(tmp_path):
+    """L1: SIGHUP (a closed terminal, `systemctl kill -s HUP`) is no sudden death: the actuator stops
+    as on SIGTERM, exit 0 (a supervisor's restart takes a new config)."""
+    import signal
+
+    port = free_port()
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: ['unix://{tmp_path}/no-docker.sock']\n"
+                   f"actuator: {{listen: '127.0.0.1:{port}', auth: {{bearer_token_file: {token}}}, "
+                   f"state_file: {tmp_path}/state.json}}\n")
+    svc = Service("buildkit_cache.actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
+    wait_for("the actuator to listen", lambda: "listening on" in svc.output(), timeout=30)
+    svc.proc.send_signal(signal.SIGHUP)
+    assert svc.proc.wait(timeout=30) == 0, svc.output()
+    assert "shutting down" in svc.output()

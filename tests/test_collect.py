@@ -184,3 +184,19 @@ def test_without_an_ssh_host_the_docker_sdk_leaves_paramiko_and_cryptography_unl
         done = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, check=True)
         loaded[kind] = done.stdout.strip()
     assert loaded == {"unix": "['docker']", "ssh": "['cryptography', 'docker', 'paramiko']"}
+
+
+async def test_a_measurement_that_keeps_failing_backs_off_and_says_so(tmp_path):
+    """A hung or broken builder is asked after 1, 2, 4 ... intervals, not at every one."""
+    b = RecordedBuilder("kamal", broken={"records"})  # no state dir: it would be asked every interval
+    c = Collection(config(refresh="10s"), StaticInventory([b]))
+    try:
+        await run_for(c, 1.6)  # 16 intervals of 100 ms: runs at about 0, 0.1, 0.3, 0.7, 1.5
+    finally:
+        c.close()
+    assert 4 <= b.calls["records"] <= 6, b.calls
+    assert b.calls["gc_policy"] >= 12  # the builder's other measurements keep their pace
+    reg = registry_for(lambda: c.snapshot, config())
+    failures = reg.get_sample_value("buildkit_cache_measurement_consecutive_failures",
+                                    {"host": "h1", "builder": "kamal", "measurement": "records"})
+    assert failures == b.calls["records"]

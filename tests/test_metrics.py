@@ -185,3 +185,11 @@ async def test_walks_of_one_host_take_turns_and_their_duration_is_the_walk_alone
     assert c[0] < max(a[0], b[0]) < c[1] or c[0] < min(a[1], b[1]), (a, b, c)  # h2's ran beside them
     durations = [r.results["state_volume"].duration_seconds for r in store.builders.values()]
     assert all(0.45 < d < 0.8 for d in durations), durations  # never the wait for the turn
+
+
+def test_gzip_only_where_the_scraper_accepts_it():
+    from buildkit_cache.exporter.cli import accepts_gzip
+
+    assert accepts_gzip("gzip") and accepts_gzip("deflate, gzip;q=0.5") and accepts_gzip("*")
+    assert not accepts_gzip("") and not accepts_gzip("gzip;q=0") and not accepts_gzip("identity")
+    assert not accepts_gzip("*, gzip;q=0") and not accepts_gzip("gzip; q=0.0")
