@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -87,11 +88,19 @@ def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str
     async def run() -> None:
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=HEADER_TIMEOUT, shutdown_timeout=10.0)
         await runner.setup()
+        loop = asyncio.get_running_loop()
+        listener = None
         try:
-            await web.TCPSite(runner, listen[0], listen[1], ssl_context=ssl_context).start()
+            if runner.server is None:
+                raise RuntimeError("the app runner has no server after setup")
+            # The listener made here rather than by aiohttp's TCPSite, for one setting it does not
+            # pass on: a TLS client that never finishes its handshake is dropped after HEADER_TIMEOUT,
+            # as a plain one that never sends its headers is (asyncio's default is 60 s).
+            listener = await loop.create_server(
+                runner.server, listen[0], listen[1], ssl=ssl_context, reuse_address=True,
+                ssl_handshake_timeout=HEADER_TIMEOUT if ssl_context is not None else None)
             log.info("%s", started)
             stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
@@ -99,7 +108,12 @@ def serve(app: web.Application, prog: str, listen: tuple[str, int], started: str
             if drain is not None:
                 await drain()
         finally:
+            if listener is not None:
+                listener.close()  # no new connections; the runner's clean-up ends the open ones
             await runner.cleanup()
+            if listener is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(listener.wait_closed(), 5.0)
 
     try:
         asyncio.run(run())

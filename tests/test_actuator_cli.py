@@ -275,3 +275,30 @@ def test_sighup_drains_and_stops_like_sigterm(tmp_path):
     svc.proc.send_signal(signal.SIGHUP)
     assert svc.proc.wait(timeout=30) == 0, svc.output()
     assert "shutting down" in svc.output()
+
+
+@pytest.mark.slow  # waits out the 15 s handshake timeout
+def test_a_tls_client_that_never_says_hello_is_dropped_after_the_header_timeout(tmp_path, pki: Path):
+    """L1: asyncio's own default is 60 s; the actuator holds a silent TLS connection as long as a
+    silent plain one, 15 s."""
+    import socket
+    import time
+
+    port = free_port()
+    token = tmp_path / "token"
+    token.write_text("tok\n")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: ['unix://{tmp_path}/no-docker.sock']\n"
+                   f"actuator: {{listen: '127.0.0.1:{port}', auth: {{bearer_token_file: {token}}}, "
+                   f"tls: {{cert_file: {pki}/server.pem, key_file: {pki}/server.key}}, state_file: {tmp_path}/s.json}}\n")
+    svc = Service("buildkit_cache.actuator", ["--config", str(cfg)], tmp_path / "actuator.log")
+    try:
+        wait_for("the actuator to listen", lambda: "listening on" in svc.output(), timeout=30)
+        silent = socket.create_connection(("127.0.0.1", port))
+        silent.settimeout(40)
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server, having said nothing
+        assert 13 < time.monotonic() - started < 20
+        silent.close()
+    finally:
+        svc.stop()
