@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -253,7 +254,7 @@ class ContainerBuilder(Builder):
     def state_usage(self, timeout: float = 300.0) -> TreeUsage:
         local = self.host.visible_path(self.mountpoint)
         if local is not None:
-            return fs.tree_usage(local, timeout)
+            return fs.state_usage(local, timeout)
         if not self.ref.container:
             raise Unavailable(f"{self.ref}: volume {self.ref.volume} is not visible and has no container")
         out = self.host.exec_checked(self.ref.container, ["sh", "-c", _STATE_SCRIPT, "sh", self.container_state_dir])
@@ -277,13 +278,33 @@ class ContainerBuilder(Builder):
 
 
 class RemoteBuilder(Builder):
-    """A buildkitd reached by address (tcp://, unix://) with a local buildctl."""
+    """A buildkitd reached by address (tcp://, unix://) with a local buildctl. With `state_dir`, its
+    state directory as this process sees it (a sidecar in the buildkitd pod, sharing the volume):
+    then it has every measurement a container builder has, and its changes are seen."""
 
-    measurements = (RECORDS, GC_POLICY)
-
-    def __init__(self, ref: BuilderRef, buildctl: LocalBuildctl):
+    def __init__(self, ref: BuilderRef, buildctl: LocalBuildctl, state_dir: str | None = None):
         super().__init__(ref)
         self.client = BuildctlClient(buildctl)
+        self.local_state = state_dir
+        self.measurements = (RECORDS, GC_POLICY, STATE_VOLUME, FILESYSTEM) if state_dir else (RECORDS, GC_POLICY)
+
+    def state_dir(self) -> str | None:
+        return self.local_state if self.local_state and os.path.isdir(self.local_state) else None
+
+    def _visible(self) -> str:
+        path = self.state_dir()
+        if path is None:
+            raise Unavailable(f"{self.ref}: its state directory {self.local_state} is not visible here")
+        return path
+
+    def state_usage(self, timeout: float = 300.0) -> TreeUsage:
+        return fs.state_usage(self._visible(), timeout)
+
+    def filesystem(self) -> FilesystemUsage:
+        return fs.statvfs_usage(self._visible())
+
+    def heavy_io(self, measurement: str) -> bool:
+        return measurement == STATE_VOLUME
 
     def records(self) -> list[CacheRecord]:
         return self.client.du()
@@ -407,5 +428,5 @@ def _state_mount(container: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def remote_builder(host_label: str, name: str, buildctl: LocalBuildctl) -> RemoteBuilder:
-    return RemoteBuilder(BuilderRef(host_label, name, DRIVER_REMOTE, address=buildctl.address), buildctl)
+def remote_builder(host_label: str, name: str, buildctl: LocalBuildctl, state_dir: str | None = None) -> RemoteBuilder:
+    return RemoteBuilder(BuilderRef(host_label, name, DRIVER_REMOTE, address=buildctl.address), buildctl, state_dir)

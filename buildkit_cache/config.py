@@ -175,6 +175,9 @@ class BuilderConfig:
     budget: int | None = setting(None, kind=SIZE)
     container: str | None = setting(None, kind=CONTAINER)
     address: str | None = setting(None, kind=BUILDKIT_ADDRESS)  # makes it a remote buildkitd
+    # A remote buildkitd whose state directory this process sees (a sidecar in its pod, the same host):
+    # its volume, filesystem and databases are measured, and its changes seen, like a container's.
+    state_dir: str | None = None
     tls: BuildkitdTLS | None = None
     actions: tuple[str, ...] | None = None  # None: every enabled action
 
@@ -183,6 +186,10 @@ class BuilderConfig:
             raise Invalid("a builder has either an address (remote buildkitd) or a container, not both")
         if self.tls and not self.address:
             raise Invalid("applies to a remote builder; it needs address", "tls")
+        if self.state_dir is not None and not self.address:
+            raise Invalid("applies to a remote builder; it needs address", "state_dir")
+        if self.state_dir is not None and not self.state_dir.startswith("/"):
+            raise Invalid(f"expected an absolute path, got {self.state_dir!r}", "state_dir")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ def gnu_du() -> str | None:
     return path if "GNU coreutils" in version else None
 
 
+def state_usage(root: str, timeout: float) -> TreeUsage:
+    """A state directory's tree usage, with its databases' bytes."""
+    tree = tree_usage(root, timeout)
+    return TreeUsage(tree.bytes, tree.files, databases_bytes(root))
+
+
 def tree_usage(root: str, timeout: float) -> TreeUsage:
     """Allocated bytes and inodes under `root`: `du -s -x -B1` and `du -s -x --inodes`, run side by
     side so the wall time is one du's (docs/benchmarks.md), or the Python walk without GNU du.
@@ -105,6 +111,13 @@ def statvfs_usage(path: str) -> FilesystemUsage:
 
 
 Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+def databases_bytes(state_dir: str) -> int | None:
+    """Bytes of BuildKit's bolt databases in a state directory (what `buildctl du` leaves out:
+    moby/buildkit#4218), or None when they cannot be read."""
+    fp = databases_fingerprint(state_dir)
+    return sum(size for _, _, size, _ in fp) if fp else None
 
 
 def databases_fingerprint(state_dir: str) -> Fingerprint | None:

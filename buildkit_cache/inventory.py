@@ -38,7 +38,7 @@ class Inventory:
             if not b.address:  # remote_builders() lists those with an address only
                 continue
             ctl = LocalBuildctl(b.address, binary=cfg.exporter.buildctl, timeout=cfg.exporter.timeout, tls=b.tls)
-            self.remotes.append(remote_builder(host, name, ctl))
+            self.remotes.append(remote_builder(host, name, ctl, b.state_dir))
 
     def discover(self, host: str, info: Mapping[str, Any] | None = None) -> Discovered:
         """Builders on one Docker host right now. Raises Unavailable when it cannot be reached.

@@ -82,10 +82,12 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class TreeUsage:
-    """On-disk size of a directory tree, counted like `du` (allocated blocks, hard links once)."""
+    """On-disk size of a directory tree, counted like `du` (allocated blocks, hard links once), and of
+    BuildKit's own metadata databases in it (None where they could not be seen)."""
 
     bytes: int
     files: int
+    databases_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,16 @@ class StateVolume(Measurement[TreeUsage]):
             "size": gauge("state_volume_size_bytes", "On-disk size of the builder's state volume (allocated blocks, like du)."),
             "files": gauge("state_volume_files",
                            "Files, directories and links in the builder's state volume (inodes it uses)."),
+            "databases": gauge("state_databases_bytes",
+                               "Bytes of BuildKit's own metadata databases (bolt *.db) in the state volume: part of "
+                               "its size that buildctl du and the records leave out."),
         }
 
     def render(self, families: Families, labels: list[str], value: TreeUsage, as_of: float, cfg: Config) -> None:
         families["size"].add_metric(labels, value.bytes)
         families["files"].add_metric(labels, value.files)
+        if value.databases_bytes is not None:
+            families["databases"].add_metric(labels, value.databases_bytes)
 
 
 MEASUREMENT = StateVolume()
