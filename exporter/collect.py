@@ -269,8 +269,8 @@ class Collection:
                 fp = after
                 value = self._result(key, m.name)
                 if before is not None and before.success and value is not None and m.shrank(before.value, value.value):
-                    for stale in m.invalidates:  # a prune or GC: what depends on its size is stale now
-                        self._marks.pop((key, stale), None)
+                    # A prune or GC: what depends on the cache's size is stale now, not at its interval.
+                    due += [BY_NAME[x] for x in m.invalidates if x in builder.measurements and BY_NAME[x] not in due]
             mark.seen = fp
 
     def _result(self, key: Key, measurement: str) -> Result | None:
