@@ -72,7 +72,10 @@ def at_rest(work: Path, seconds: float) -> list[Row]:
 
             def scrape() -> None:
                 while not stop.wait(SCRAPE_EVERY):
-                    scraper.get(gzip=True)
+                    try:
+                        scraper.get(gzip=True)
+                    except OSError:  # the server closed the idle connection: Prometheus asks again
+                        scraper.get(gzip=True)
 
             threading.Thread(target=scrape, daemon=True).start()
             time.sleep(35)  # the first collection, and one check interval after it

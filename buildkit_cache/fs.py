@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -80,6 +81,12 @@ def walk_tree(root: str) -> TreeUsage:
             entries = os.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise BuilderError(f"{root}: a directory is nested past this system's path length limit "
+                                   f"({len(path)} characters deep); GNU du measures such trees "
+                                   "(Debian: coreutils)") from None
+            raise
         with entries:
             for entry in entries:
                 try:

@@ -63,3 +63,26 @@ def test_a_du_past_its_deadline_is_killed(tmp_path, monkeypatch):
     with pytest.raises(Unavailable, match="within 1s"):
         fs.tree_usage(str(tmp_path), 1)
     assert subprocess.run(["pgrep", "-f", str(slow)], capture_output=True).returncode == 1
+
+
+def test_a_tree_deeper_than_the_path_limit_is_measured_by_du_or_named_by_the_walk(tmp_path):
+    """L1: 5,000 nested directories (paths past PATH_MAX): GNU du measures it; the Python walk, for
+    systems without GNU du, says what is wrong instead of a bare 'File name too long'."""
+    from buildkit_cache.errors import BuilderError
+
+    root = tmp_path / "deep"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for _ in range(5000):  # relative to the last: no path ever gets long here
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    finally:
+        os.close(fd)
+    usage = fs.tree_usage(str(root), 120)
+    assert usage.files == 5001
+    with pytest.raises(BuilderError, match="nested past this system's path length limit"):
+        fs.walk_tree(str(root))
+    subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's own clean-up trips on it too
