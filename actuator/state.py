@@ -99,6 +99,7 @@ class StateFile:
         self.clock = clock
         self.owner = uuid.uuid4().hex
         self._lock_path = path + ".lock"
+        self._repaired = False
 
     def check(self) -> list[tuple[Key, Entry]]:
         """At start: the folder exists (made if it can be) and the file can be read and written.
@@ -116,7 +117,9 @@ class StateFile:
             raise StateError(f"cannot open {self._lock_path}: {exc.strerror}") from exc
         try:
             self._lock_within(fd, LOCK_TIMEOUT)
+            self._repaired = False
             shared = Shared(self._read())
+            shared.changed = self._repaired  # what was dropped or clamped is written back so, once
             yield shared
             if shared.changed:
                 self._write(shared.entries)
@@ -169,15 +172,18 @@ class StateFile:
         in the future (a clock that jumped back) is taken as now; each is logged."""
         now = self.clock()
         out = {}
+        self._repaired = False
         for key, e in entries.items():
             if not all(math.isfinite(t) and 0 <= t < now + 366 * 86400 for t in (e.started, e.busy_until)):
                 log.error("state file %s: %s of %s/%s has impossible times (started %r, busy until %r); dropped",
                           self.path, key[2], key[0], key[1], e.started, e.busy_until)
+                self._repaired = True
                 continue
             if e.started > now + FUTURE_SLACK:
                 log.warning("state file %s: %s of %s/%s started %.0fs in the future (the clock went back?); "
                             "taken as started now", self.path, key[2], key[0], key[1], e.started - now)
                 e = Entry(now, e.running, min(e.busy_until, now + (e.busy_until - e.started)), e.owner)
+                self._repaired = True
             out[key] = e
         return out
 

@@ -294,6 +294,8 @@ class ActuatorConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # Absent from the file: $DOCKER_HOST or the local socket (parse_config fills it in). An explicit
+    # [] is no Docker host at all, as for an exporter beside a buildkitd in its pod (a sidecar).
     docker_hosts: tuple[DockerHostConfig, ...] = ()
     builders: dict[str, BuilderConfig] = setting(factory=dict)
     exporter: ExporterConfig = setting(factory=ExporterConfig)
@@ -301,7 +303,7 @@ class Config:
     source: str = internal("(defaults)")  # the file it came from, for error messages
 
     def check(self) -> Config:
-        hosts = self.docker_hosts or (default_host(),)
+        hosts = self.docker_hosts
         names = [h.name for h in hosts]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
@@ -311,6 +313,8 @@ class Config:
             where = f"builders.{key}"
             if not name:
                 raise Invalid("expected <builder> or <host>/<builder>", where)
+            if not names and not b.address:
+                raise Invalid("docker_hosts is empty: only remote builders (with an address) can be set", where)
             if b.address and sep and host in names and name == "default":
                 raise Invalid(f"{host}/default is the engine's own builder on Docker host {host!r}; "
                               "give the remote builder another name", where)
@@ -429,6 +433,10 @@ def parse_config(data: Any, source: str = "config", docker_hosts: list[str] | No
         data = {**data, "docker_hosts": list(docker_hosts)}
     elif docker_hosts and data is None:
         data = {"docker_hosts": list(docker_hosts)}
+    if data is None:
+        data = {}
+    if isinstance(data, dict) and "docker_hosts" not in data:
+        data = {**data, "docker_hosts": [default_docker_url()]}
     return dataclasses.replace(Reader(source).read(Config, data), source=source)
 
 

@@ -156,7 +156,7 @@ async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
     await h.settle()
     assert h.builders["kamal"].prunes == [PruneRequest(keep_storage=20_000_000)]
     events = [e["event"] for e in h.audit_lines()]
-    assert events == ["received", "started", "pruned"]
+    assert events == ["received", "accepted", "started", "pruned"]  # accepted: on disk before the prune
     pruned = h.audit_lines()[-1]
     assert pruned["reclaimed_bytes"] == 9441280 + 708608 + 2109440 and pruned["records"] == 3
     assert pruned["cache_bytes_before"] == 44961792 and pruned["cache_bytes_after"] == 0

@@ -150,7 +150,7 @@ def commented_examples(text: str) -> list[tuple[int, str]]:
     out = []
     i = 0
     while i < len(lines):
-        m = re.match(r"^(\s*)# ((?:- )?[A-Za-z_][\w.-]*:(?: |$).*)$", lines[i])
+        m = re.match(r"^(\s*)# ((?:- )?[a-z_][\w.-]*:(?: |$).*)$", lines[i])  # keys are lower case
         if not m:
             i += 1
             continue
@@ -178,9 +178,8 @@ def test_every_commented_example_of_the_example_config_is_valid(tmp_path):
         for prog in ("buildkit_cache.exporter", "buildkit_cache.actuator"):
             done = subprocess.run([sys.executable, "-m", prog, "--config", str(path), "--check-config"],
                                   capture_output=True, text=True, cwd=ROOT, timeout=60)
-            # The actuator also reads its secret files at --check-config: missing ones are not the
-            # example's fault. Anything about the config's keys and values is.
-            problems = [x for x in done.stderr.splitlines() if "unknown key" in x or "expected" in x]
+            # The example's files (TLS certificates, secrets) are placeholders that do not exist here:
+            # saying so is not the example's fault. Anything about its keys and values is.
+            errors = [x for x in done.stderr.splitlines() if ": warning:" not in x and " WARNING " not in x]
+            problems = [x for x in errors if "no such file" not in x and "cannot read" not in x]
             assert not problems, f"deploy/config.example.yml line {line}, {prog}: {problems}"
-            if prog == "buildkit_cache.exporter":
-                assert done.returncode == 0, f"line {line}: {done.stderr}"

@@ -72,17 +72,19 @@ def test_a_tree_deeper_than_the_path_limit_is_measured_by_du_or_named_by_the_wal
 
     root = tmp_path / "deep"
     root.mkdir()
-    fd = os.open(root, os.O_RDONLY)
     try:
-        for _ in range(5000):  # relative to the last: no path ever gets long here
-            os.mkdir("d", dir_fd=fd)
-            nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            for _ in range(5000):  # relative to the last: no path ever gets long here
+                os.mkdir("d", dir_fd=fd)
+                nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        finally:
             os.close(fd)
-            fd = nxt
+        usage = fs.tree_usage(str(root), 120)
+        assert usage.files == 5001
+        with pytest.raises(BuilderError, match="nested past this system's path length limit"):
+            fs.walk_tree(str(root))
     finally:
-        os.close(fd)
-    usage = fs.tree_usage(str(root), 120)
-    assert usage.files == 5001
-    with pytest.raises(BuilderError, match="nested past this system's path length limit"):
-        fs.walk_tree(str(root))
-    subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's own clean-up trips on it too
+        subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's own clean-up cannot: it recurses
