@@ -4,6 +4,7 @@ configured, in a file, counted in the actuator's metrics by the same call."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -75,12 +76,35 @@ class AuditLog:
         return entry
 
     def writable(self) -> bool:
-        """Whether the file takes lines now, writing any it could not take before."""
+        """Whether the file takes lines now, writing any it could not take before. The probe asks
+        the filesystem for a page past the end of the file (and gives it back): an empty append
+        succeeds on a full disk, this fails where the next real line would."""
         if not self.path:
             return True
         with self._lock:
             self._flush()
+            if not self.failure:
+                self._probe()
             return not self.failure
+
+    def _probe(self) -> None:
+        if not self.path:
+            return
+        try:
+            with open(self.path, "ab") as f:
+                end = f.tell()
+                try:
+                    os.posix_fallocate(f.fileno(), end, 4096)
+                finally:
+                    f.truncate(end)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+                return  # a filesystem without fallocate: the real write is the check
+            if not self.failure:
+                log.error("cannot write the audit trail %s: %s; no new prunes until it can be written",
+                          self.path, exc.strerror or exc)
+            self.failure = f"cannot write the audit trail {self.path}: {exc.strerror or exc}"
+            self.on_failure()
 
     def _flush(self, durable: bool = False) -> None:
         if not self.path:

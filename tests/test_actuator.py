@@ -636,3 +636,27 @@ async def test_a_dead_host_costs_its_own_alerts_once_not_every_reply(monkeypatch
     again = time.monotonic()
     assert await directory.lookup("dead", "kamal") is None and time.monotonic() - again < 0.1
     assert inv.calls.count("dead") == 1
+
+
+async def test_the_audit_probe_fails_where_a_real_line_would(harness, monkeypatch):
+    """M1: on a full disk an empty append succeeds; the probe asks for real space, so new
+    notifications get 503 and /healthz says why before any prune is tried."""
+    import errno
+
+    import buildkit_cache.actuator.audit as audit_module
+
+    h = await harness.start()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_module.os, "posix_fallocate", full)
+    r = await h.post(notification(alert(builder="kamal")))
+    assert r.status == 503 and "No space left on device" in await r.text()
+    health = await h.client.get("/healthz")
+    assert health.status == 503 and "No space left on device" in await health.text()
+    assert h.builders["kamal"].prunes == []
+    size = h.audit_path.stat().st_size
+    monkeypatch.undo()  # space again
+    assert (await h.client.get("/healthz")).status == 200
+    assert h.audit_path.stat().st_size >= size  # the probe left nothing behind but real lines
