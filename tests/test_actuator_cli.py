@@ -64,8 +64,10 @@ def openssl(*args, cwd):
 def pki(tmp_path):
     d = tmp_path / "pki"
     d.mkdir()
+    # A CA as Python 3.13's strict verification (VERIFY_X509_STRICT, Debian 13) requires: key usage set.
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=test-ca", cwd=d)
+            "-subj", "/CN=test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
     for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN={name}", cwd=d)
