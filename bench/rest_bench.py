@@ -84,7 +84,8 @@ def at_rest(work: Path, seconds: float) -> list[Row]:
                 total = _window(seconds, during) / seconds * 3600
                 own = (cpu_seconds(svc.proc.pid) - own) / seconds * 3600
                 execs = _calls(d, container) - calls
-                rows.append(Row("cost", f"{name}, {seconds / 60:.0f} min window, default intervals, 15 s scrapes",
+                window = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+                rows.append(Row("cost", f"{name}, {window} window, default intervals, 15 s scrapes",
                                 f"{total - idle:.1f} CPU-s/h above idle (exporter {own:.1f}, the rest "
                                 f"{total - idle - own:.1f})",
                                 f"buildctl calls in the builder container: {execs}",

@@ -25,7 +25,10 @@ def test_every_benchmark_runs_at_tiny_sizes():
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     areas = {line.split("|")[1].strip() for line in table}
-    assert areas == {"scrape", "cycle", "memory", "walk", "builders", "actuator"}, done.stdout
+    assert areas == {"cost", "scrape", "cycle", "memory", "walk", "builders", "actuator"}, done.stdout
+    # At rest, after the first collection, the builder container is asked nothing.
+    (rest,) = [line for line in table if line.startswith("| cost | at rest")]
+    assert "buildctl calls in the builder container: 0 |" in rest, rest
     walk = [line for line in table if line.startswith("| walk |")]
     assert len(walk) == 2 and "figures equal to du's: yes" in walk[0] and "0.00% apart" in walk[1], walk
     actuator = [line for line in table if line.startswith("| actuator |")]
