@@ -100,11 +100,15 @@ class AuditLog:
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
                 return  # a filesystem without fallocate: the real write is the check
-            if not self.failure:
-                log.error("cannot write the audit trail %s: %s; no new prunes until it can be written",
-                          self.path, exc.strerror or exc)
-            self.failure = f"cannot write the audit trail {self.path}: {exc.strerror or exc}"
-            self.on_failure()
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        """The file cannot take lines now: said once, counted each time, kept as the reason."""
+        if not self.failure:
+            log.error("cannot write the audit trail %s: %s; no new prunes until it can be written "
+                      "(%d lines kept to write then)", self.path, exc.strerror or exc, len(self.pending))
+        self.failure = f"cannot write the audit trail {self.path}: {exc.strerror or exc}"
+        self.on_failure()
 
     def _flush(self, durable: bool = False) -> None:
         if not self.path:
@@ -124,11 +128,7 @@ class AuditLog:
                         f.truncate(start)
                     raise
         except OSError as exc:
-            if not self.failure:
-                log.error("cannot write the audit trail %s: %s; no new prunes until it can be written "
-                          "(%d lines kept to write then)", self.path, exc.strerror or exc, len(self.pending))
-            self.failure = f"cannot write the audit trail {self.path}: {exc.strerror or exc}"
-            self.on_failure()
+            self._failed(exc)
             del self.pending[:-MAX_PENDING]
             return
         if self.failure:

@@ -85,13 +85,6 @@ class DockerHost:
     def __repr__(self) -> str:
         return f"DockerHost({self.name!r}, {self.url!r})"
 
-    def __getstate__(self) -> dict[str, Any]:
-        # Sent to a measuring process (exporter/child.py): the settings, never the connection.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_lock")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _client=None, _lock=threading.Lock())
-
     # -- connection -----------------------------------------------------------------------------
 
     def client(self) -> docker.APIClient:
