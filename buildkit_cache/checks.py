@@ -77,5 +77,5 @@ def missing_buildctl(cfg: Config) -> str | None:
         return None
     return (f"remote builders {', '.join(remote)} need a local buildctl, and {cfg.exporter.buildctl!r} is not found "
             f"(PATH {os.environ.get('PATH', '')}): every measurement and prune of them fails until it is there. "
-            "Install buildctl from BuildKit's releases, set exporter.buildctl to its path, or build the image with "
-            "--build-context buildctl=docker-image://moby/buildkit:<version>")
+            "Install buildctl from BuildKit's releases or set exporter.buildctl to its path "
+            "(the project's image carries one, at /usr/local/bin/buildctl)")

@@ -132,7 +132,7 @@ def test_a_remote_builder_without_a_buildctl_is_said_at_check_and_at_start(tmp_p
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert done.returncode == 0, done.stderr
     said = f"remote builders 10.0.0.9/ci need a local buildctl, and '{tmp_path}/no-buildctl' is not found"
-    assert said in done.stderr and "--build-context buildctl=" in done.stderr, done.stderr
+    assert said in done.stderr and "exporter.buildctl" in done.stderr, done.stderr
     svc = Service(program, ["--config", str(cfg)], tmp_path / "out.log")
     try:
         wait_for("the warning", lambda: said in svc.output(), timeout=20)

@@ -1,17 +1,16 @@
-"""The image and the compose file as shipped, on a private sid engine (its CLI has buildx and compose).
+"""The image and the compose file as shipped, on Debian 13's and sid's engines (their CLIs have buildx
+and compose: 2.26 and 2.40).
 
-The Dockerfile is built with no network inside the build: the base image is a local stand-in
-(Debian 12's python3, `docker import`ed, passed as BASE) and the Python packages come from a
-wheelhouse made here on the host (the `wheelhouse` build context), because no registry is reachable
-(../shared FACTS). Then deploy/docker-compose.yml brings up `exporter` and `actuator` the way its
-header says, with only the host paths this engine lacks overridden: its socket and its data root."""
+The Dockerfile is built with no network inside the build (tests/support/image.py: stand-ins for the
+base image and BuildKit's, and a wheelhouse). Then the README's compose block runs as written
+(Compose says what the test adds) and the exporter's figures, the healthchecks, the users, a prune
+and the audit volume are checked."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,10 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lab.engines import ENGINE_CACHE, PrivateDockerd
+from lab.engines import PrivateDockerd, busybox_files
 from lab.procs import wait_for
 from tests.conftest import ENGINES, engine_get
 from tests.integration.test_actuator_docker import TOKEN, notification
+from tests.support import builder_container
+from tests.support.image import BASE_TREE, build_shipped_image, copy_context, import_tree, make_wheelhouse
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "buildkit-cache-exporter:local"  # the compose file's image
@@ -32,50 +33,18 @@ BASE = "bkce-python-base:test"
 PROJECT = "buildkit-cache"  # the compose file's name
 BUDGET = 12_000_000
 
-# The engines whose CLI has buildx and compose: sid's.
-SID = [e for e in ENGINES if e.release == "sid" and not e.containerd_store]
+# The engines whose CLI has buildx and compose: Debian 13's (compose 2.26) and sid's (2.40).
+COMPOSE = [e for e in ENGINES if e.release in ("trixie", "sid") and not e.containerd_store]
 pytestmark = [pytest.mark.integration,
-              pytest.mark.parametrize("engine", SID, ids=[e.id for e in SID], indirect=True)]
+              pytest.mark.parametrize("engine", COMPOSE, ids=[e.id for e in COMPOSE], indirect=True)]
 
 
 # -- building the image ----------------------------------------------------------------------------
 
-def make_wheelhouse(dest: Path, src: Path) -> None:
-    """This checkout's wheel and its dependencies' wheels for the base image's Python (3.11). Built
-    from a copy (`src`): setuptools leaves build/ in the tree it builds."""
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(dest), str(src)], check=True, capture_output=True)
-    (own,) = dest.glob("buildkit_cache_exporter-*.whl")
-    arch = platform.machine()
-    tags = [f"manylinux_2_{v}_{arch}" for v in (34, 28, 17, 12, 5)] + [f"manylinux2014_{arch}", f"manylinux1_{arch}"]
-    # With what building from source needs (the Quick start's `pip install .`, pipx's own venv).
-    subprocess.run([*pip, "download", "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-                    *(a for t in tags for a in ("--platform", t)), "-d", str(dest), str(own),
-                    "setuptools>=68", "wheel", "pip"],
-                   check=True, capture_output=True)
-
-
-def copy_context(dest: Path) -> None:
-    """The build context: the repository's files, tracked or new, never ignored ones (the engine sees only /tmp)."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"], capture_output=True, check=True).stdout
-    for name in filter(None, files.decode().split("\0")):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
 @pytest.fixture(scope="module")
 def base(dockerd: PrivateDockerd, tmp_path_factory) -> str:
     """Debian 12 with python3 and pipx, as an image: the Dockerfile's BASE, and a fresh machine."""
-    tree = ENGINE_CACHE / "python-base"
-    if not (tree / ".ready").exists():
-        pytest.fail("the image's stand-in base is not set up: run scripts/setup (scripts/engine-tree python-base)")
-    base_tar = tmp_path_factory.mktemp("base") / "base.tar"
-    subprocess.run(["tar", "-C", str(tree), "--exclude=./.ready", "-cf", str(base_tar), "."], check=True)
-    dockerd.cli("import", str(base_tar), BASE)
-    base_tar.unlink()
-    return BASE
+    return import_tree(dockerd, BASE_TREE, BASE, tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +58,8 @@ def wheelhouse(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def image(dockerd: PrivateDockerd, base, wheelhouse, tmp_path_factory) -> str:
-    ctx = tmp_path_factory.mktemp("context")
-    copy_context(ctx)
-    dockerd.cli("build", "--network", "none", "--build-arg", f"BASE={base}",
-                "--build-context", f"wheelhouse={wheelhouse}", "-t", IMAGE, str(ctx), timeout=600)
+    done = build_shipped_image(dockerd, tmp_path_factory.mktemp("build"), IMAGE, base, wheelhouse)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
     return IMAGE
 
 
@@ -134,46 +101,95 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 # -- compose --------------------------------------------------------------------------------------------
 
-class Compose:
-    """deploy/ copied where the engine can see it, set up as its header says."""
+THIRD_PARTY = {"prometheus": "prom/prometheus:v2.53.0", "alertmanager": "prom/alertmanager:v0.27.0",
+               "grafana": "grafana/grafana-oss:11.1.0"}
 
-    def __init__(self, dockerd: PrivateDockerd, work: Path):
+
+class Compose:
+    """The README's compose block, run as written in a copy of the repository, with the engine's CLI.
+
+    What the test adds, none of it a change to a README line: stand-ins for the images a registry
+    would give (the Dockerfile's BASE and BUILDKIT, and Prometheus, Alertmanager and Grafana, which
+    only sleep: what is tested here is the exporter and the actuator); the wheelhouse; the budget
+    where the block says "set your budgets"; the engine's socket at /var/run/docker.sock for the
+    CLI (in a mount namespace of its own); and, in a second compose file named by COMPOSE_FILE, the
+    host paths the engine's containers need that differ from a host's (its socket and data root)
+    and the build's network (this engine has no bridge)."""
+
+    def __init__(self, dockerd: PrivateDockerd, work: Path, wheelhouse: Path):
         self.dockerd = dockerd
-        self.dir = work / "deploy"
-        shutil.copytree(ROOT / "deploy", self.dir)
-        # cp config.example.yml config.yml, then "set your budgets".
-        cfg = yaml.safe_load((self.dir / "config.example.yml").read_text())
-        cfg["builders"] = {"default": {"budget": BUDGET}}
-        cfg["exporter"]["intervals"] = {"discovery": "2s", "records": "2s", "filesystem": "2s", "state_volume": "5s"}
-        cfg["actuator"]["settle_delay"] = "1s"
-        (self.dir / "config.yml").write_text(yaml.safe_dump(cfg))
-        (self.dir / "secrets").mkdir()
-        (self.dir / "secrets" / "actuator-token").write_text(TOKEN + "\n")
-        # DOCKER_GID=$(stat -c %g /var/run/docker.sock)
-        self.gid = os.stat(dockerd.socket).st_gid
-        # Only the host paths this engine lacks: its socket, and its data root (at the same path inside,
-        # as the compose file mounts /var/lib/docker for an engine whose data root is there).
+        self.repo = work / "repo"
+        copy_context(self.repo)
+        shutil.copytree(wheelhouse, self.repo / "wheelhouse")
+        self.dir = self.repo / "deploy"
+        builder_container.build_image(dockerd)
+        dockerd.cli("tag", builder_container.IMAGE, "moby/buildkit:v0.26.2")
+        dockerd.cli("tag", BASE, "python:3.12-slim")
+        files, links = busybox_files()
+        dockerd.import_rootfs("bkce-sleeper:test", files, links)
+        for image in THIRD_PARTY.values():
+            dockerd.cli("tag", "bkce-sleeper:test", image)
         data, sock = dockerd.data_root, dockerd.socket
+        sleepers = "".join(f"""
+  {service}:
+    entrypoint: ["/bin/sh", "-c", "exec sleep 2147483647"]""" for service in THIRD_PARTY)
         (self.dir / "test-paths.yml").write_text(f"""
 services:
   exporter:
+    build: {{network: none}}
     volumes: !override
       - {sock}:/var/run/docker.sock
       - {data}:{data}:ro
       - ./config.yml:/etc/buildkit-cache/config.yml:ro
   actuator:
+    build: {{network: none}}
     volumes:
-      - {sock}:/var/run/docker.sock
+      - {sock}:/var/run/docker.sock{sleepers}
 """)
         shipped = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())["services"]["exporter"]["volumes"]
         assert [v.split(":")[1] for v in shipped] == ["/var/run/docker.sock", "/var/lib/docker",
                                                      "/etc/buildkit-cache/config.yml"], "the override follows the shipped mounts"
 
+    def set_budgets(self) -> None:
+        """What a reader does at "set your budgets"."""
+        path = self.dir / "config.yml"
+        cfg = yaml.safe_load(path.read_text())
+        cfg["builders"] = {"default": {"budget": BUDGET}}
+        cfg["exporter"]["intervals"] = {"discovery": "2s", "records": "2s", "filesystem": "2s", "state_volume": "5s"}
+        cfg["actuator"]["settle_delay"] = "1s"
+        path.write_text(yaml.safe_dump(cfg))
+
+    def readme_block(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+        section = readme[readme.index("### With Docker Compose"):]
+        lines = section.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+        at = next(i for i, line in enumerate(lines) if "set your budgets" in line) + 1
+        # Two runs of the block's lines, the budgets set between them; the second goes on where the
+        # first ended (its working directory).
+        cwd = self.repo / ".block-cwd"
+        self._run_lines(lines[:at] + [f"pwd > {cwd}"], str(self.repo))
+        self.set_budgets()
+        self._run_lines(lines[at:], cwd.read_text().strip())
+        self.gid = os.stat(self.dockerd.socket).st_gid
+        self.token = (self.dir / "secrets" / "actuator-token").read_text().strip()
+
+    def _run_lines(self, lines: list[str], cwd: str) -> None:
+        # The engine's socket where the CLI and the block's `stat` look, in a mount namespace of the CLI's own.
+        prelude = (f"mount -t tmpfs none /run && touch /run/docker.sock && mount --bind {self.dockerd.socket} /run/docker.sock"
+                   f" && cd {shlex.quote(cwd)}")
+        argv = ["nsenter", "--target", str(self.dockerd.pid), "--mount", "--net", "--",
+                "unshare", "--mount", "--propagation", "private", "--", "bash", "-c",
+                "\n".join(["set -e", prelude, *lines])]
+        env = {k: v for k, v in self.dockerd.env().items() if k != "DOCKER_HOST"}
+        env["COMPOSE_FILE"] = "docker-compose.yml:test-paths.yml"
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"the README's compose block: {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = self.dockerd.cli_argv("compose", "-f", str(self.dir / "docker-compose.yml"),
                                      "-f", str(self.dir / "test-paths.yml"), *args)
-        done = subprocess.run(argv, env={**self.dockerd.env(), "DOCKER_GID": str(self.gid)}, cwd=self.dir,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(argv, env={**self.dockerd.env(), "DOCKER_GID": str(os.stat(self.dockerd.socket).st_gid)},
+                              cwd=self.dir, capture_output=True, text=True, timeout=300)
         if check and done.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)}: {done.returncode}\n{done.stderr}")
         return done
@@ -183,8 +199,8 @@ services:
 
 
 @pytest.fixture
-def compose(dockerd, image, tmp_path):
-    c = Compose(dockerd, tmp_path)
+def compose(dockerd, base, wheelhouse, tmp_path):
+    c = Compose(dockerd, tmp_path, wheelhouse)
     try:
         yield c
     finally:
@@ -193,7 +209,9 @@ def compose(dockerd, image, tmp_path):
 
 def test_compose_runs_the_exporter_and_the_actuator_as_shipped(big_cache, compose):
     dockerd = big_cache
-    compose.run("up", "-d", "exporter", "actuator")
+    compose.readme_block()
+    assert sorted(compose.run("ps", "--services").stdout.split()) == ["actuator", "alertmanager", "exporter",
+                                                                     "grafana", "prometheus"]
     time.sleep(20)
     for service in ("exporter", "actuator"):
         state = compose.inspect(service, "{{.State.Status}} {{.RestartCount}}")
@@ -217,6 +235,10 @@ def test_compose_runs_the_exporter_and_the_actuator_as_shipped(big_cache, compos
     for measurement in ("filesystem", "records"):
         assert sample(text, "buildkit_cache_measurement_success", builder="default", measurement=measurement) == 1
     assert sample(text, "buildkit_cache_filesystem_size_bytes", builder="default") > 0
+    # The healthchecks of the compose file (the image's): both healthy.
+    for service in ("exporter", "actuator"):
+        wait_for(f"{service} healthy", lambda service=service: compose.inspect(service, "{{.State.Health.Status}}") == "healthy",
+                 timeout=120)
 
     # The actuator: not root, in the socket's group, healthy.
     ids = dockerd.cli("exec", f"{PROJECT}-actuator-1", "id", "-u").stdout.decode().strip()
@@ -226,7 +248,7 @@ def test_compose_runs_the_exporter_and_the_actuator_as_shipped(big_cache, compos
 
     # A firing prune-to-budget brings the cache under budget within 60 s.
     status, body = http(dockerd, "http://127.0.0.1:9863/alerts", notification("prune-to-budget", "default", host="local"),
-                        token=TOKEN)
+                        token=compose.token)
     assert status == 200, body
 
     def unshared() -> int:
@@ -269,45 +291,3 @@ def test_the_actuator_image_without_the_socket_group_says_why_and_exits(dockerd,
     gid = os.stat(dockerd.socket).st_gid
     assert done.returncode == 2, done
     assert f"group {gid}".encode() in done.stderr and b"--group-add" in done.stderr, done.stderr
-
-
-# -- the Quick start, as written, on a fresh Debian 12 -----------------------------------------------
-
-def quick_start() -> tuple[str, str]:
-    """The README's Quick start: its install command (run as root, so without `sudo`) and the pipx line."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Quick start"):readme.index("\n## ", readme.index("## Quick start") + 5)]
-    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
-    install = block.splitlines()[0].split("#")[0].strip()
-    assert install.startswith("sudo "), install
-    (pipx,) = re.findall(r"`(pipx install [^`]*)`", section)
-    return install.removeprefix("sudo "), pipx
-
-
-def test_the_quick_start_works_as_written_on_debian_12(dockerd, build_cache, base, wheelhouse, tmp_path):
-    """In a container of Debian 12 (python3 3.11, which refuses pip into the system): the venv line
-    as root, then pipx as a user; both leave the commands on PATH, and they measure the engine."""
-    install, pipx = quick_start()
-    src = tmp_path / "src"
-    copy_context(src)
-    script = f"""set -e
-useradd --create-home someone
-chmod -R a+rX /src /wheels
-su - someone -c 'export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels; cp -r /src ~/src && cd ~/src && {pipx}'
-su - someone -c 'command -v buildkit-cache-exporter'
-su - someone -c 'buildkit-cache-actuator --help' | grep -q 'usage: buildkit-cache-actuator'
-cd /src
-{install}
-command -v buildkit-cache-exporter
-buildkit-cache-exporter --once > /tmp/once.txt
-grep -Eq '^  default +docker +[0-9]+ ' /tmp/once.txt
-echo QUICK-START-OK
-"""
-    done = dockerd.cli("run", "--rm", "--network", "none", "-e", "PIP_NO_INDEX=1", "-e", "PIP_FIND_LINKS=/wheels",
-                       "-v", f"{wheelhouse}:/wheels", "-v", f"{src}:/src", "-v", f"{dockerd.socket}:/var/run/docker.sock",
-                       # The engine's data root at its own path, as on a host where it is /var/lib/docker.
-                       "-v", f"{dockerd.data_root}:{dockerd.data_root}:ro", base, "sh", "-c", script, check=False, timeout=600)
-    out = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode == 0 and "QUICK-START-OK" in out, out[-3000:]
-    assert "/home/someone/.local/bin/buildkit-cache-exporter\n" in out, out  # pipx, for the user, on PATH
-    assert "/usr/local/bin/buildkit-cache-exporter\n" in out, out  # the venv, for everyone
