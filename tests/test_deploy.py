@@ -97,7 +97,8 @@ def test_dashboard_has_the_variables_and_panels_users_expect():
     titles = {p["title"] for p in dash["panels"]}
     assert {"Cache by record type", "In use, shared, reclaimable", "State volume, cache and budget",
             "Filesystem used (bytes)", "Filesystem used (inodes)", "Idle bytes by age", "GC policy caps",
-            "Prunes", "Bytes reclaimed", "Measurements", "Cache by Docker host", "Fullest filesystem by Docker host"} <= titles
+            "Prunes", "Bytes reclaimed", "Measurements", "Cache by Docker host", "Fullest filesystem by Docker host",
+            "Top builders by cache", "Top builders by growth per day", "Free space under builder state in a week"} <= titles
     by_title = {p["title"]: p for p in dash["panels"]}
     steps = by_title["Filesystem used (bytes)"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert [s["value"] for s in steps[1:]] == [0.85, 0.95]  # the alert thresholds, drawn
