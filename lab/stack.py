@@ -29,8 +29,9 @@ def shortened_rules(dst: Path, for_: str = "1s") -> Path:
     return dst
 
 
-def adapted_alertmanager(dst: Path, actuator_url: str, token_file: Path) -> Path:
-    """The shipped route with the actuator's URL, the token file and the timings replaced."""
+def adapted_alertmanager(dst: Path, actuator_url: str | list[str], token_file: Path) -> Path:
+    """The shipped route with the actuator's URL (or one webhook per URL: replicas), the token file
+    and the timings replaced."""
     cfg = yaml.safe_load((DEPLOY / "alerts" / "alertmanager.yml").read_text())
     for route in [cfg["route"], *cfg["route"].get("routes", [])]:
         for key, value in (("group_wait", "1s"), ("group_interval", "1s"), ("repeat_interval", "1h")):
@@ -38,22 +39,28 @@ def adapted_alertmanager(dst: Path, actuator_url: str, token_file: Path) -> Path
                 route[key] = value
     (receiver,) = [r for r in cfg["receivers"] if r["name"] == "buildkit-actuator"]
     hook = receiver["webhook_configs"][0]
-    hook["url"] = actuator_url
     hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    urls = [actuator_url] if isinstance(actuator_url, str) else actuator_url
+    receiver["webhook_configs"] = [{**hook, "url": url} for url in urls]
     cfg["global"]["resolve_timeout"] = "5s"
     dst.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dst
 
 
 class Alertmanager:
-    def __init__(self, workdir: Path, config: Path):
+    def __init__(self, workdir: Path, config: Path, cluster_port: int | None = None, peers: tuple[int, ...] = ()):
+        """One Alertmanager; with `cluster_port`, a member of a cluster on loopback with `peers`."""
         self.port = free_port()
         binary = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
         assert binary, "prometheus-alertmanager is not installed (scripts/test installs it)"
         (workdir / "am-data").mkdir(exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
+        cluster = ["--cluster.listen-address="]
+        if cluster_port:
+            cluster = [f"--cluster.listen-address=127.0.0.1:{cluster_port}", "--cluster.advertise-address="
+                       f"127.0.0.1:{cluster_port}", *(f"--cluster.peer=127.0.0.1:{p}" for p in peers)]
         self.proc = Process([binary, f"--config.file={config}", f"--storage.path={workdir / 'am-data'}",
-                             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
+                             f"--web.listen-address=127.0.0.1:{self.port}", *cluster],
                             workdir / "alertmanager.log")
         wait_for("Alertmanager", lambda: http_get(self.url + "/-/ready")[0] == 200, timeout=60)
 
@@ -65,17 +72,20 @@ class Alertmanager:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, rules: Path, exporter: str, actuator: str, alertmanager: str):
-        """Loads deploy/prometheus/prometheus.yml with its targets replaced and 1s intervals."""
+    def __init__(self, workdir: Path, rules: Path, exporter: str, actuator: str | list[str],
+                 alertmanager: str | list[str]):
+        """Loads deploy/prometheus/prometheus.yml with its targets replaced and 1s intervals; alerts go
+        to every Alertmanager given, as Prometheus sends them to each of an HA pair."""
         self.port = free_port()
         cfg = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
         cfg["global"]["scrape_interval"] = "1s"
         cfg["global"]["evaluation_interval"] = "1s"
         cfg["rule_files"] = [str(rules)]
-        cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [alertmanager]
+        listed = lambda t: [t] if isinstance(t, str) else list(t)  # noqa: E731
+        cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = listed(alertmanager)
         targets = {"buildkit-cache-exporter": exporter, "buildkit-cache-actuator": actuator}
         for job in cfg["scrape_configs"]:
-            job["static_configs"][0]["targets"] = [targets[job["job_name"]]]
+            job["static_configs"][0]["targets"] = listed(targets[job["job_name"]])
         path = workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         binary = shutil.which("prometheus")
