@@ -126,8 +126,8 @@ def engine_records(answer: bytes | Mapping[str, Any]) -> list[CacheRecord]:
 
 def _buildctl(text: bytes | str, kind: type[T]) -> list[T]:
     raw = text.encode() if isinstance(text, str) else text
-    if not raw.strip():
-        return []
+    if not raw.strip():  # buildctl prints `[]` or `null` for none: nothing at all is a lost answer
+        raise ParseError("buildctl du: printed nothing (no records would be `[]`)")
     try:
         items = msgspec.json.decode(raw, type=list[kind] | None)  # type: ignore[valid-type]
     except msgspec.ValidationError as exc:

@@ -3,9 +3,11 @@ buildctl that hangs or floods costs one measurement, never the exporter's memory
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,35 @@ def test_a_flood_of_output_is_cut_at_the_cap_without_reading_it_into_memory(tmp_
     assert time.monotonic() - started < 10
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 64, f"peak RSS grew {grown_mb:.0f} MB"
+
+
+def test_an_exec_whose_output_the_engine_lost_is_asked_once_more():
+    """`docker exec` into a builder: under load the engine can end the stream before the output is
+    copied (moby/moby#27289), an empty success. du and debug workers always print: asked again, once;
+    a prune (no retry) never is."""
+    from buildkit_cache.buildctl import BuildctlClient, ContainerBuildctl
+    from buildkit_cache.docker_api import ExecResult
+
+    du = (Path(__file__).parent / "fixtures" / "buildctl" / "du.json").read_text()
+
+    class Host:
+        timeout = 10.0
+
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), []
+
+        def exec(self, container, argv, timeout=None, retry=True):
+            self.calls.append((argv[5:], retry))  # after `timeout -s KILL N buildctl`
+            return self.answers.pop(0)
+
+    host = Host([ExecResult(0, "", ""), ExecResult(0, du, "")])
+    records = BuildctlClient(ContainerBuildctl(host, "buildx_buildkit_kamal0")).du()  # type: ignore[arg-type]
+    assert len(records) == len(json.loads(du)) and len(host.calls) == 2
+    # Twice empty: a clear failure, not "no records".
+    host = Host([ExecResult(0, "", ""), ExecResult(0, "", "")])
+    with pytest.raises(BuilderError):
+        BuildctlClient(ContainerBuildctl(host, "buildx_buildkit_kamal0")).du()  # type: ignore[arg-type]
+    # A prune is never sent twice.
+    host = Host([ExecResult(0, "", "")])
+    assert ContainerBuildctl(host, "b")(["prune", "--keep-storage", "10"], retry=False) == ""  # type: ignore[arg-type]
+    assert host.calls == [(["prune", "--keep-storage", "10"], False)]
