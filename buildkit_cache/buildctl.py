@@ -47,12 +47,6 @@ class ContainerBuildctl:
                                     timeout, retry)
             missing = result.exit_code in (126, 127) and "timeout" in (result.stderr + result.stdout)
             if not missing:
-                if result.exit_code == 0 and retry and not (result.stdout.strip() or result.stderr.strip()):
-                    # A busy engine can end an exec's stream before its output is copied (moby/moby#27289:
-                    # 3 of 400 execs on 2 loaded cores here). The commands asked with `retry` always
-                    # print something, so an empty success is asked once more.
-                    result = self.host.exec(self.container, ["timeout", "-s", "KILL", str(limit), "buildctl", *args],
-                                            timeout, retry)
                 if result.exit_code != 0:
                     raise CommandFailed(["buildctl", *args], result.exit_code, result.stderr or result.stdout)
                 return result.stdout

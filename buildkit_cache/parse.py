@@ -130,6 +130,8 @@ def _gc_rule_json(item: Mapping[str, Any], what: str) -> GCRule:
 
 def parse_debug_workers_json(text: str) -> WorkerInfo:
     """`buildctl debug workers --format json`: the first worker's GC policy and BuildKit version."""
+    if not text.strip():
+        raise ParseError("buildctl debug workers: printed nothing")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

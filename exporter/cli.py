@@ -78,6 +78,9 @@ def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Appli
 
     app = web.Application()
     exposition = Exposition(lambda: collection.snapshot, cfg)
+    if run:
+        collection.on_change = exposition.changed
+        exposition.start()
 
     async def metrics(request: web.Request) -> web.Response:
         headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
@@ -100,6 +103,7 @@ def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Appli
         async def background(app: web.Application) -> AsyncIterator[None]:
             task = asyncio.create_task(collection.run_forever())
             yield
+            exposition.stop()
             task.cancel()
             try:
                 await task

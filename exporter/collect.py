@@ -97,11 +97,12 @@ class Collection:
     """Discovers builders and measures them; `snapshot` is always the latest whole picture."""
 
     def __init__(self, cfg: Config, source: BuilderSource, *, clock: Callable[[], float] = time.time,
-                 workers: int = 8):
+                 workers: int = 4):
         self.cfg = cfg
         self.source = source
         self.intervals = intervals(cfg)
         self.clock = clock
+        self.on_change: Callable[[], None] = lambda: None  # told after each new snapshot (the server's renderer)
         self.snapshot = Snapshot({r.ref.key: BuilderState(r) for r in source.remotes}, {})
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collect")
         self._marks: dict[tuple[Key, str], _Mark] = {}
@@ -111,6 +112,15 @@ class Collection:
         self._blind: set[Key] = set()  # builders told to be measured on intervals (said once)
 
     # -- the snapshot ---------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    @snapshot.setter
+    def snapshot(self, value: Snapshot) -> None:
+        self._snapshot = value
+        self.on_change()
 
     def _set_builder(self, key: Key, state: BuilderState | None) -> None:
         builders = dict(self.snapshot.builders)

@@ -194,6 +194,7 @@ async def test_passes_are_bounded(harness):
     assert h.audit_lines()[-1]["passes"] == 5
 
 
+@pytest.mark.slow  # waits out timeouts
 async def test_reply_comes_before_a_slow_prune(harness):
     harness.builders["kamal"].prune_seconds = 1.5
     h = await harness.start()
@@ -250,6 +251,7 @@ async def test_a_failed_prune_is_audited_and_may_be_retried_at_once(harness):
     assert len(h.builders["kamal"].prunes) == 1
 
 
+@pytest.mark.slow  # waits out timeouts
 async def test_a_prune_past_its_timeout_fails_and_still_blocks_a_second_prune(harness):
     harness.builders["kamal"].prune_seconds = 2.5  # prune_timeout is 2s
     h = await harness.start()
@@ -491,6 +493,7 @@ async def test_a_compressed_body_is_limited_after_decompression(harness):
     assert garbage.status == 400
 
 
+@pytest.mark.slow  # waits out timeouts
 async def test_a_timeout_after_progress_keeps_what_was_freed_and_the_cooldown(harness):
     """Passes of a keep-storage prune delete records, then time runs out: the bytes count, the line
     says so, and a re-sent notification does not prune again at once."""
@@ -525,6 +528,7 @@ class _SlowHosts:
         return Discovered(builders=[RecordedBuilder("kamal", host=host)])
 
 
+@pytest.mark.slow  # waits out timeouts
 async def test_lookups_are_warmed_at_start_and_a_slow_host_delays_only_its_own():
     inv = _SlowHosts()
     directory = Directory(inv)
@@ -539,6 +543,7 @@ async def test_lookups_are_warmed_at_start_and_a_slow_host_delays_only_its_own()
     assert sorted(inv.calls) == ["quick", "slow"]  # answered from what the warm-up found
 
 
+@pytest.mark.slow  # waits out timeouts
 async def test_a_state_lock_held_by_another_process_gets_503_fast_and_healthz_says_why(aiohttp_client, tmp_path):
     """M2: nothing waits on the lock on the event loop: both answers within a second."""
     import fcntl
@@ -617,6 +622,7 @@ class _DeadHost:
         return Discovered(builders=[RecordedBuilder("kamal", host=host)])
 
 
+@pytest.mark.slow  # waits out timeouts
 async def test_a_dead_host_costs_its_own_alerts_once_not_every_reply(monkeypatch):
     """M6: six lookups of a dead host at once wait for one failure, not six in a row; the next ones
     fail at once for a while; a live host is answered meanwhile in milliseconds."""

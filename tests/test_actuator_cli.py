@@ -15,6 +15,8 @@ import yaml
 
 from lab.procs import ROOT, Service, free_port, wait_for
 
+pytestmark = pytest.mark.slow  # starts the programs as processes (and waits out a 15 s header timeout)
+
 
 def run(*args, timeout=30):
     return subprocess.run([sys.executable, "-m", "buildkit_cache.actuator", *args], capture_output=True, text=True, cwd=ROOT,
@@ -146,7 +148,6 @@ def test_a_remote_builder_without_a_buildctl_is_said_at_check_and_at_start(tmp_p
     assert done.returncode == 0 and "buildctl" not in done.stderr, done.stderr
 
 
-@pytest.mark.slow  # waits out the 15 s header timeout
 def test_half_sent_requests_are_closed_and_good_ones_answered_meanwhile(tmp_path):
     """Slow-loris: connections that never finish their headers hold nothing for long (HEADER_TIMEOUT),
     and a good request gets through while they are open."""
@@ -279,7 +280,6 @@ def test_sighup_drains_and_stops_like_sigterm(tmp_path):
     assert "shutting down" in svc.output()
 
 
-@pytest.mark.slow  # waits out the 15 s handshake timeout
 def test_a_tls_client_that_never_says_hello_is_dropped_after_the_header_timeout(tmp_path, pki: Path):
     """L1: asyncio's own default is 60 s; the actuator holds a silent TLS connection as long as a
     silent plain one, 15 s."""

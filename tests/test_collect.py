@@ -10,6 +10,8 @@ import logging
 import os
 import time
 
+import pytest
+
 from buildkit_cache.config import parse_config
 from buildkit_cache.exporter.collect import Collection
 from buildkit_cache.exporter.metrics import registry_for
@@ -169,6 +171,7 @@ async def test_idle_bytes_age_between_measurements_without_asking_the_builder(tm
         c.close()
 
 
+@pytest.mark.slow  # starts a Python
 def test_without_an_ssh_host_the_docker_sdk_leaves_paramiko_and_cryptography_unloaded(tmp_path):
     """16 of the exporter's ~50 MB; the SDK needs paramiko only for ssh:// hosts."""
     import subprocess
@@ -186,6 +189,7 @@ def test_without_an_ssh_host_the_docker_sdk_leaves_paramiko_and_cryptography_unl
     assert loaded == {"unix": "['docker']", "ssh": "['cryptography', 'docker', 'paramiko']"}
 
 
+@pytest.mark.slow  # waits out its backoff
 async def test_a_measurement_that_keeps_failing_backs_off_and_says_so(tmp_path):
     """A hung or broken builder is asked after 1, 2, 4 ... intervals, not at every one."""
     b = RecordedBuilder("kamal", broken={"records"})  # no state dir: it would be asked every interval

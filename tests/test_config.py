@@ -126,6 +126,7 @@ def run_cli(*args):
                           timeout=60)
 
 
+@pytest.mark.slow  # starts the program
 def test_check_config_prints_the_effective_config_and_exits_0(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text(textwrap.dedent("""
@@ -144,6 +145,7 @@ def test_check_config_prints_the_effective_config_and_exits_0(tmp_path):
     assert effective["docker_hosts"][0]["url"] == "unix:///run/docker.sock"
 
 
+@pytest.mark.slow  # starts the program
 def test_a_bad_config_is_one_line_on_stderr_and_exit_2(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("builders:\n  kamal:\n    bugdet: 10GB\n")
@@ -154,6 +156,7 @@ def test_a_bad_config_is_one_line_on_stderr_and_exit_2(tmp_path):
     assert "builders.kamal.bugdet: unknown key (did you mean 'budget'?)" in done.stderr
 
 
+@pytest.mark.slow  # starts the program
 def test_docker_host_flags_replace_the_config_hosts(tmp_path):
     p = tmp_path / "c.yml"
     p.write_text("docker_hosts: [unix:///run/docker.sock]\n")
@@ -164,6 +167,7 @@ def test_docker_host_flags_replace_the_config_hosts(tmp_path):
                                                         ("b.example", "ssh://deploy@b.example")]
 
 
+@pytest.mark.slow  # starts the program
 def test_missing_config_file_is_a_clear_error():
     done = run_cli("--config", "/nonexistent/bkce.yml", "--check-config")
     assert done.returncode == 2
@@ -190,6 +194,7 @@ def test_a_builder_entry_that_could_mean_several_hosts_is_an_error(builders, mes
         parse_config({"docker_hosts": hosts, "builders": builders}, "cfg.yml")
 
 
+@pytest.mark.slow  # starts the program
 @pytest.mark.parametrize("prog", ["buildkit_cache.exporter", "buildkit_cache.actuator"])
 def test_the_printed_effective_config_loads_back_unchanged(tmp_path, prog):
     token = tmp_path / "token"

@@ -9,10 +9,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from buildkit_cache.config import ACTION_KINDS, load
 from lab.procs import ROOT
+
+pytestmark = pytest.mark.slow  # runs promtool, amtool, systemd-analyze and the programs on each example
 
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "alerts" / "buildkit-cache.rules.yml"

@@ -56,6 +56,7 @@ def test_the_python_walk_agrees_where_there_is_no_gnu_du(tree, monkeypatch):
     assert fs.walk_tree(str(tree)) == expected
 
 
+@pytest.mark.slow  # builds a deep tree / waits out a deadline
 def test_a_du_past_its_deadline_is_killed(tmp_path, monkeypatch):
     slow = tmp_path / "du"
     slow.write_text("#!/bin/sh\nexec sleep 60\n")
@@ -74,6 +75,7 @@ def _cmdline(proc: Path) -> bytes:
         return b""
 
 
+@pytest.mark.slow  # builds a deep tree / waits out a deadline
 def test_a_tree_deeper_than_the_path_limit_is_measured_by_du_or_named_by_the_walk(tmp_path):
     """L1: 5,000 nested directories (paths past PATH_MAX): GNU du measures it; the Python walk, for
     systems without GNU du, says what is wrong instead of a bare 'File name too long'."""

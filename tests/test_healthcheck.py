@@ -51,5 +51,6 @@ def test_it_says_unhealthy_and_why(tmp_path, capsys):
         assert capsys.readouterr().out == f"healthy: http://{listen}/-/healthy: ok\n"
     finally:
         server.shutdown()
+        server.server_close()
     assert healthcheck.main(["buildkit-cache-exporter", "--listen", listen]) == 1
     assert "unhealthy" in capsys.readouterr().err

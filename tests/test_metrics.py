@@ -1,6 +1,8 @@
 """What a scrape shows of a collection, and how failures are isolated."""
 
+import asyncio
 import dataclasses
+import gzip
 import threading
 import time
 from pathlib import Path
@@ -193,3 +195,52 @@ def test_gzip_only_where_the_scraper_accepts_it():
     assert accepts_gzip("gzip") and accepts_gzip("deflate, gzip;q=0.5") and accepts_gzip("*")
     assert not accepts_gzip("") and not accepts_gzip("gzip;q=0") and not accepts_gzip("identity")
     assert not accepts_gzip("*, gzip;q=0") and not accepts_gzip("gzip; q=0.0")
+
+
+def _until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+async def test_a_scrape_never_waits_for_a_render_in_the_server(monkeypatch):
+    """Once started (the server), the text is rendered by a thread of its own when the snapshot
+    changes: a scrape during a render gets the last whole text at once, the next one the new text."""
+    from buildkit_cache.exporter import metrics
+
+    cfg = parse_config({"docker_hosts": [{"url": "unix:///nonexistent.sock", "name": "h1"}]})
+    c = Collection(cfg, StaticInventory([RecordedBuilder("kamal")]))
+    try:
+        await c.collect_once()
+    finally:
+        c.close()
+    c.snapshot = dataclasses.replace(c.snapshot, hosts={"h1": HostState(True, version="28.5.2", api_version="1.51")})
+    e = Exposition(lambda: c.snapshot, cfg)
+    c.on_change = e.changed
+    e.start()
+    try:
+        up = b'buildkit_cache_docker_host_up{host="h1"} 1.0'
+        await asyncio.to_thread(_until, lambda: up in e.render())
+        before = e.render()
+        assert up in before
+
+        entered, gate = threading.Event(), threading.Event()
+        real = metrics.generate_latest
+
+        def held(registry):
+            entered.set()
+            gate.wait(10)
+            return real(registry)
+
+        monkeypatch.setattr(metrics, "generate_latest", held)
+        c.snapshot = dataclasses.replace(c.snapshot, hosts={"h1": HostState(False, error="down")})
+        assert entered.wait(10), "the change was rendered in the background"
+        assert e.render() == before  # not waiting for the render in progress
+        assert gzip.decompress(e.render(gzipped=True)) == before  # the same text, gzipped
+        gate.set()
+        down = b'buildkit_cache_docker_host_up{host="h1"} 0.0'
+        await asyncio.to_thread(_until, lambda: down in e.render())
+        assert down in e.render()
+    finally:
+        gate.set()
+        e.stop()

@@ -3,6 +3,8 @@ what failed; `--format prometheus` gives what /metrics serves."""
 
 from __future__ import annotations
 
+import pytest
+
 from buildkit_cache.config import parse_config
 from buildkit_cache.exporter import table
 from buildkit_cache.exporter.collect import Collection, HostState
@@ -35,6 +37,7 @@ async def test_one_line_per_builder_in_human_units_and_what_failed():
     assert "e+0" not in text  # no exposition-style numbers
 
 
+@pytest.mark.slow  # starts the program
 def test_once_in_prometheus_format_is_what_metrics_serves(tmp_path):
     """The same engine, asked by `--once --format prometheus` and by the server: the same families,
     label sets and values, but for when and how long each measurement ran."""

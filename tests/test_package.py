@@ -8,8 +8,12 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import buildkit_cache
 from lab.procs import ROOT
+
+pytestmark = pytest.mark.slow  # builds and installs wheels
 
 
 def test_every_module_of_the_package_imports():
