@@ -125,3 +125,16 @@ def big_cache(dockerd, tmp_path):
 def builder_image(dockerd):
     builder_container.build_image(dockerd)
     return builder_container.IMAGE
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory):
+    """This checkout's wheel and its dependencies' for Debian 12's Python (the image's stand-in base):
+    made once a run, on the host (no index is reachable inside a build here)."""
+    from tests.support.image import copy_context, make_wheelhouse
+
+    wheels = tmp_path_factory.mktemp("wheelhouse")
+    src = tmp_path_factory.mktemp("wheel-src")
+    copy_context(src)
+    make_wheelhouse(wheels, src)
+    return wheels

@@ -25,7 +25,7 @@ from lab.procs import wait_for
 from tests.conftest import ENGINES, engine_get
 from tests.integration.test_actuator_docker import TOKEN, notification
 from tests.support import builder_container
-from tests.support.image import BASE_TREE, build_shipped_image, copy_context, import_tree, make_wheelhouse
+from tests.support.image import BASE_TREE, build_shipped_image, copy_context, import_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "buildkit-cache-exporter:local"  # the compose file's image
@@ -45,15 +45,6 @@ pytestmark = [pytest.mark.integration,
 def base(dockerd: PrivateDockerd, tmp_path_factory) -> str:
     """Debian 12 with python3 and pipx, as an image: the Dockerfile's BASE, and a fresh machine."""
     return import_tree(dockerd, BASE_TREE, BASE, tmp_path_factory.mktemp("base"))
-
-
-@pytest.fixture(scope="module")
-def wheelhouse(tmp_path_factory) -> Path:
-    wheels = tmp_path_factory.mktemp("wheelhouse")
-    src = tmp_path_factory.mktemp("wheel-src")
-    copy_context(src)
-    make_wheelhouse(wheels, src)
-    return wheels
 
 
 @pytest.fixture(scope="module")

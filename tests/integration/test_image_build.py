@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,19 +13,10 @@ import yaml
 from lab.engines import PrivateDockerd
 from lab.procs import wait_for
 from tests.support import builder_container
-from tests.support.image import BASE_TREE, build_shipped_image, copy_context, import_tree, make_wheelhouse
+from tests.support.image import BASE_TREE, build_shipped_image, import_tree
 
 pytestmark = pytest.mark.integration
 TAG = "bkce-built:test"
-
-
-@pytest.fixture(scope="session")
-def wheels_311(tmp_path_factory) -> Path:
-    wheels = tmp_path_factory.mktemp("wheelhouse311")
-    src = tmp_path_factory.mktemp("wheel-src311")
-    copy_context(src)
-    make_wheelhouse(wheels, src)
-    return wheels
 
 
 def health(dockerd: PrivateDockerd, container: str) -> tuple[str, str]:
@@ -35,9 +25,9 @@ def health(dockerd: PrivateDockerd, container: str) -> tuple[str, str]:
     return state["Status"], log
 
 
-def test_the_dockerfile_builds_with_docker_build_and_both_programs_report_health(dockerd, wheels_311, tmp_path):
+def test_the_dockerfile_builds_with_docker_build_and_both_programs_report_health(dockerd, wheelhouse, tmp_path):
     base = import_tree(dockerd, BASE_TREE, "bkce-built-base:test", tmp_path)
-    done = build_shipped_image(dockerd, tmp_path, TAG, base, wheels_311, engine_default_builder=True)
+    done = build_shipped_image(dockerd, tmp_path, TAG, base, wheelhouse, engine_default_builder=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
 
     for program in ("buildkit-cache-exporter", "buildkit-cache-actuator"):

@@ -23,7 +23,7 @@ from tests.conftest import ENGINES
 from tests.integration.test_actuator_docker import notification
 from tests.integration.test_exporter_docker import walk
 from tests.support import builder_container
-from tests.support.image import BASE_TREE, build_shipped_image, copy_context, import_tree, make_wheelhouse
+from tests.support.image import BASE_TREE, build_shipped_image, import_tree
 
 SID = [e for e in ENGINES if e.release == "sid" and not e.containerd_store]
 pytestmark = [pytest.mark.integration,
@@ -54,10 +54,8 @@ def get(found: dict, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_the_exporter_as_buildkitds_sidecar_reports_its_records_state_and_disk(dockerd, tmp_path):
-    wheels, src = tmp_path / "wheels", tmp_path / "src"
-    copy_context(src)
-    make_wheelhouse(wheels, src)
+def test_the_exporter_as_buildkitds_sidecar_reports_its_records_state_and_disk(dockerd, wheelhouse, tmp_path):
+    wheels = wheelhouse
     base = import_tree(dockerd, BASE_TREE, "bkce-sidecar-base:test", tmp_path)
     done = build_shipped_image(dockerd, tmp_path, TAG, base, wheels)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
