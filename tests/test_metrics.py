@@ -140,15 +140,21 @@ async def test_when_the_cache_shrinks_its_volume_and_filesystem_are_measured_aga
         s.close()
 
 
+async def collected(cfg, builders) -> Collection:
+    """A collection that has measured `builders` once, its Docker host h1 up."""
+    c = Collection(cfg, StaticInventory(builders))
+    try:
+        await c.collect_once()
+    finally:
+        c.close()
+    c.snapshot = dataclasses.replace(c.snapshot, hosts={"h1": HostState(True, version="28.5.2", api_version="1.51")})
+    return c
+
+
 async def test_the_served_text_is_rendered_again_only_for_another_snapshot():
     cfg = parse_config({"docker_hosts": [H1], "builders": {"kamal": {"budget": "30MB"}}})
     builders = [RecordedBuilder(n) for n in ("kamal", "ci", "ci1", "zeta")] + [RecordedBuilder("x", broken={"records"})]
-    s = Collection(cfg, StaticInventory(builders))
-    try:
-        await s.collect_once()
-    finally:
-        s.close()
-    s.snapshot = dataclasses.replace(s.snapshot, hosts={"h1": HostState(True, version="28.5.2", api_version="1.51")})
+    s = await collected(cfg, builders)
     expo = Exposition(lambda: s.snapshot, cfg)
     first = expo.render()
     assert first == generate_latest(registry_for(lambda: s.snapshot, cfg))
@@ -209,12 +215,7 @@ async def test_a_scrape_never_waits_for_a_render_in_the_server(monkeypatch):
     from buildkit_cache.exporter import metrics
 
     cfg = parse_config({"docker_hosts": [{"url": "unix:///nonexistent.sock", "name": "h1"}]})
-    c = Collection(cfg, StaticInventory([RecordedBuilder("kamal")]))
-    try:
-        await c.collect_once()
-    finally:
-        c.close()
-    c.snapshot = dataclasses.replace(c.snapshot, hosts={"h1": HostState(True, version="28.5.2", api_version="1.51")})
+    c = await collected(cfg, [RecordedBuilder("kamal")])
     e = Exposition(lambda: c.snapshot, cfg)
     c.on_change = e.changed
     e.start()

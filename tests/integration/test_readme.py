@@ -28,7 +28,7 @@ import pytest
 from lab.engines import PrivateDockerd
 from lab.procs import wait_for
 from tests.conftest import ENGINES, engine_get
-from tests.support.image import MACHINES, ROOT, copy_context, import_tree, machine_python, make_wheelhouse
+from tests.support.image import MACHINES, ROOT, copy_context, import_tree, make_wheelhouse
 
 # One engine is enough: what is tested is the README on each Debian, not the engine. Debian 12's:
 # there systemd boots in a container with the cgroup hierarchy read-only (on 28.5 it cannot).
@@ -141,8 +141,9 @@ def test_every_readme_block_runs_as_written(big_cache, machine, tmp_path):
 
     wheels, src = tmp_path / "wheels", tmp_path / "src"
     copy_context(src)
-    make_wheelhouse(wheels, src, python=machine_python(machine))
-    image = import_tree(dockerd, MACHINES[machine], f"bkce-machine-{machine}:test", tmp_path)
+    tree, python = MACHINES[machine]
+    make_wheelhouse(wheels, src, python=python)
+    image = import_tree(dockerd, tree, f"bkce-machine-{machine}:test", tmp_path)
     m = Machine(dockerd, f"{machine}-host", image, [
         "-v", f"{src}:/srv/buildkit-cache-exporter", "-v", f"{wheels}:/wheels:ro",
         "-v", f"{dockerd.socket}:/run/docker.sock", "-v", f"{dockerd.data_root}:{dockerd.data_root}:ro"], tmp_path)

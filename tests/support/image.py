@@ -21,8 +21,9 @@ from tests.support import builder_container
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Fresh Debian servers (systemd, pipx, curl, Alertmanager) as images: scripts/engine-tree's trees.
-MACHINES = {"debian12": "machine-bookworm", "debian13": "machine-trixie"}
+# Fresh Debian servers (systemd, pipx, curl, Alertmanager) as images: scripts/engine-tree's trees,
+# and their Python.
+MACHINES = {"debian12": ("machine-bookworm", "3.11"), "debian13": ("machine-trixie", "3.13")}
 # The Dockerfile's BASE (python:3.12-slim cannot be pulled here): Debian 12's python3 and venv.
 BASE_TREE = "python-base"
 
@@ -51,10 +52,6 @@ def make_wheelhouse(dest: Path, src: Path, python: str = "3.11") -> None:
                     *(a for t in tags for a in ("--platform", t)), "-d", str(dest), str(own),
                     "setuptools>=68", "wheel", "pip"],
                    check=True, capture_output=True)
-
-
-def machine_python(machine: str) -> str:
-    return {"debian12": "3.11", "debian13": "3.13"}[machine]
 
 
 def import_tree(dockerd: PrivateDockerd, name: str, tag: str, work: Path) -> str:
