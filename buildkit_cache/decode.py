@@ -84,9 +84,11 @@ def _record_list(df: _DF) -> list[Any]:
     if usage is not None:
         if usage.Items is not None:
             return usage.Items
-        # Items is omitted when empty; a non-zero count without them means the list was not sent.
+        # Docker 29 omits every zero or empty field of BuildCacheUsage: an empty cache answers
+        # `{"BuildCacheUsage":{}}` (recorded: tests/fixtures/docker-engine-29.7). A count without
+        # the list means the list was not sent.
         if df.BuildCache is msgspec.UNSET:
-            if usage.TotalCount == 0:
+            if not usage.TotalCount:
                 return []
             raise ParseError(f"system/df: BuildCacheUsage counts {usage.TotalCount!r} records but lists none "
                              "(Items is missing: was the request made without verbose?)")

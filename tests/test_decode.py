@@ -16,7 +16,7 @@ from buildkit_cache.usage import summarize
 F = Path(__file__).resolve().parent / "fixtures"
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 WINDOWS = (60.0, 3600.0, 86400.0, 10 * 365 * 86400.0)
-ENGINE_FILES = sorted(F.glob("docker-engine-*/system-df*.json"))
+ENGINE_FILES = sorted(F.glob("docker-engine-*/**/system-df*.json"))
 
 
 def outcome(fn):
@@ -26,7 +26,7 @@ def outcome(fn):
         return ("error", type(exc))
 
 
-@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", ENGINE_FILES, ids=lambda p: str(p.relative_to(F)))
 @pytest.mark.parametrize("fresh", [False, True])
 def test_engine_answers_summarise_the_same(path, fresh):
     raw = path.read_bytes()
@@ -35,11 +35,20 @@ def test_engine_answers_summarise_the_same(path, fresh):
     assert quick == full
 
 
-def test_the_recorded_engine_answers_include_records_and_a_refusal():
-    """So that the test above compares summaries with records in them, and an error too."""
+def test_the_recorded_engine_answers_include_records_and_empty_caches():
+    """So that the test above compares summaries with records in them, and of empty caches."""
     results = [outcome(lambda p=p: decode.engine_rows(p.read_bytes())) for p in ENGINE_FILES]
     assert any(isinstance(r, list) and len(r) > 5 for r in results)
-    assert ("error", parse.ParseError) in results
+    assert any(r == [] for r in results)
+
+
+def test_both_decoders_refuse_a_reply_that_counts_records_but_lists_none():
+    # What an engine that dropped the legacy list (announced for API 1.53) would send without verbose:
+    # a recorded 29.7.2 answer's summary, without its list.
+    usage = json.loads((F / "docker-engine-29.7/containerd/system-df.json").read_text())["BuildCacheUsage"]
+    raw = json.dumps({"BuildCacheUsage": {k: v for k, v in usage.items() if k != "Items"}}).encode()
+    assert outcome(lambda: decode.engine_rows(raw)) == ("error", parse.ParseError)
+    assert outcome(lambda: parse.parse_engine_build_cache(json.loads(raw))) == ("error", parse.ParseError)
 
 
 @pytest.mark.parametrize("name", ["du.json", "du.go-template-json.txt"])

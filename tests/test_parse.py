@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from buildkit_cache import parse
+from buildkit_cache import decode, parse
 from buildkit_cache.models import CacheRecord
 
 F = Path(__file__).parent / "fixtures"
@@ -57,26 +57,48 @@ def test_engine_28_5_parents_under_the_key_with_a_leading_space_are_read():
     assert all(records[r["ID"]].parents == () for r in raw if not r.get(" Parents"))
 
 
-# API 1.52 (Docker 29): replies built from the documented schema (see the fixture folder's README).
-SCHEMA_152 = F / "docker-engine-1.52-schema"
+# API 1.52+ (Docker 29): recorded from a real 29.7.2 with each image store (lab/record_fixtures.py).
+D29 = F / "docker-engine-29.7"
+STORES = ("containerd", "overlay2")
 
 
-def test_api_1_52_records_come_from_build_cache_usage_items():
-    verbose = json.loads(read(SCHEMA_152 / "system-df-verbose.json"))
-    legacy = json.loads(read(F / "docker-engine-28.5" / "system-df-build-cache.json"))
+@pytest.mark.parametrize("store", STORES)
+def test_docker_29_records_come_from_build_cache_usage_items_as_from_the_legacy_list(store):
+    verbose = json.loads(read(D29 / store / "system-df-verbose.json"))
     records = parse.parse_engine_build_cache(verbose)
-    assert len(records) == verbose["BuildCacheUsage"]["TotalCount"] == 43
-    assert sum(r.size for r in records) == verbose["BuildCacheUsage"]["TotalSize"]
-    assert sorted(records, key=lambda r: r.id) == sorted(parse.parse_engine_build_cache(legacy), key=lambda r: r.id)
-    # While the engine still sends the legacy list beside the summary, that list is read.
-    both = parse.parse_engine_build_cache(json.loads(read(SCHEMA_152 / "system-df-legacy-and-summary.json")))
-    assert sorted(both, key=lambda r: r.id) == sorted(records, key=lambda r: r.id)
-    assert parse.parse_engine_build_cache(json.loads(read(SCHEMA_152 / "system-df-empty.json"))) == []
+    usage = verbose["BuildCacheUsage"]
+    assert "BuildCache" not in verbose  # asked with verbose, only the new shape
+    assert len(records) == usage["TotalCount"] > 0
+    assert sum(r.size for r in records) == usage["TotalSize"]
+    assert any(r.shared for r in records) and any(r.parents for r in records)
+    # Without verbose the engine sends both; API 1.51 the legacy list only: the same records (but
+    # for the cache mounts' last use: the engine marks them used at every /system/df it answers).
+    def same(rs):
+        return sorted((r.id, r.record_type, r.size, r.in_use, r.shared, r.parents, r.created_at) for r in rs)
+
+    for name in ("system-df.json", "system-df-v1.51.json"):
+        assert same(parse.parse_engine_build_cache(json.loads(read(D29 / store / name)))) == same(records), name
 
 
-def test_a_reply_without_any_record_list_is_an_error_never_zero_records():
-    with pytest.raises(parse.ParseError, match="counts 43 records but lists none"):
-        parse.parse_engine_build_cache(json.loads(read(SCHEMA_152 / "system-df-summary-only.json")))
+@pytest.mark.parametrize("store", STORES)
+@pytest.mark.parametrize("when", ["empty", "after-prune-all"])
+def test_an_empty_docker_29_cache_is_no_records_not_an_error(store, when):
+    """Docker 29 omits every zero field of BuildCacheUsage: a fresh engine, or one after
+    `docker builder prune -af`, answers `{"BuildCacheUsage":{}}` when asked with verbose."""
+    for name in ("system-df-verbose", "system-df", "system-df-v1.51"):
+        answer = json.loads(read(D29 / store / f"{name}-{when}.json"))
+        assert parse.parse_engine_build_cache(answer) == [], name
+        assert decode.engine_rows(read(D29 / store / f"{name}-{when}.json").encode()) == [], name
+    assert json.loads(read(D29 / store / f"system-df-verbose-{when}.json")) == {"BuildCacheUsage": {}}
+
+
+def test_a_reply_that_counts_records_but_lists_none_is_an_error_never_zero_records():
+    # What an engine that has dropped the legacy list (announced for API 1.53) would send when asked
+    # without verbose: the recorded 29.7.2 answer's summary, without its list. Not zero records.
+    usage = {k: v for k, v in json.loads(read(D29 / "containerd" / "system-df.json"))["BuildCacheUsage"].items()
+             if k != "Items"}
+    with pytest.raises(parse.ParseError, match=f"counts {usage['TotalCount']} records but lists none"):
+        parse.parse_engine_build_cache({"BuildCacheUsage": usage})
     with pytest.raises(parse.ParseError, match="neither BuildCache nor BuildCacheUsage"):
         parse.parse_engine_build_cache({"Images": []})
 
