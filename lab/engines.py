@@ -1,13 +1,20 @@
 """Private Docker engines for the tests and the demo: the engines users run, none of them the host's.
 
-The matrix is Debian's docker.io of three releases, plus the containerd image store:
+The matrix is Debian's docker.io of three releases and Docker Engine 29 built from source, each
+store where the engine has two:
 
     bookworm  20.10.24   (API 1.41)
     trixie    26.1.5     (API 1.45)
     sid       28.5.2     (API 1.51), and 28.5.2 with the containerd image store
+    docker29  29.7.2     (API 1.55) with its default containerd image store, and with overlay2
 
 The host's own package serves the host's release; the others run from Debian root filesystems made
 once by `scripts/engine-tree` under $BKCE_ENGINE_CACHE (default /var/cache/bkce-test-engines).
+Docker 29.7.2 (dockerd, containerd 2.3.3, runc 1.4.3, built by ../shared/engines/build-docker29
+into $BKCE_ENGINE_CACHE/docker-29.7.2, see scripts/engines-from-source) runs in the sid tree, whose
+docker CLI (28.5), buildx (0.29) and compose (2.40) talk to it: its binaries are bound over the
+tree's /usr/local/bin, first on PATH, so that its own containerd and runc are the ones used (Debian
+12's runc 1.1.5 cannot start containers under 29.5 and later).
 
 Each dockerd runs in mount and network namespaces of its own (`unshare --mount --net`):
 - its own network namespace, because a dockerd started with --bridge=none deletes an existing
@@ -38,8 +45,11 @@ from typing import Any
 BUSYBOX = "/bin/busybox"
 ENGINE_CACHE = Path(os.environ.get("BKCE_ENGINE_CACHE", "/var/cache/bkce-test-engines"))
 
-# (Debian release, containerd image store): the engines every Docker test runs against.
-MATRIX: tuple[tuple[str, bool], ...] = (("bookworm", False), ("trixie", False), ("sid", False), ("sid", True))
+# (release, containerd image store): the engines every Docker test runs against. "docker29" is
+# Docker Engine 29.7.2 built from source, run in the sid tree.
+MATRIX: tuple[tuple[str, bool], ...] = (("bookworm", False), ("trixie", False), ("sid", False), ("sid", True),
+                                        ("docker29", True), ("docker29", False))
+DOCKER29 = "docker-29.7.2"  # its folder under ENGINE_CACHE, made by scripts/engines-from-source
 
 # Runs inside `unshare --mount --net --fork --propagation private`: $1 is the root (a tree or /),
 # the rest the command. DATA_ROOT is made a mount point of its own first: dockerd would otherwise
@@ -51,6 +61,7 @@ ip link set lo up
 if [ -n "$DATA_ROOT" ]; then mount --rbind "$DATA_ROOT" "$DATA_ROOT"; fi
 if [ "$tree" != / ]; then
     mount --bind "$tree" "$tree"
+    if [ -n "$ENGINE_BIN" ]; then mount --bind "$ENGINE_BIN" "$tree/usr/local/bin"; fi
     mount --rbind /tmp "$tree/tmp"
     mount -t proc proc "$tree/proc"
     mount --rbind /sys "$tree/sys"
@@ -87,6 +98,7 @@ class Engine:
     containerd_store: bool
     tree: str  # "/" for the host's own package
     version: str  # "28.5.2", or "" when the tree is not built yet
+    bin_dir: str = ""  # an engine built from source: its binaries, first on PATH in the tree
 
     @property
     def id(self) -> str:
@@ -98,7 +110,16 @@ class Engine:
         return bool(self.version)
 
     def dockerd(self) -> str:
+        if self.bin_dir:
+            return "/usr/local/bin/dockerd"
         return "/usr/sbin/dockerd" if self.tree != "/" else (shutil.which("dockerd") or "/usr/sbin/dockerd")
+
+    def describe(self) -> str:
+        store = "containerd image store" if self.containerd_store else "overlay2"
+        if self.bin_dir:
+            return f"Docker {self.version or '29.7.2 (not built)'} built from source, {store}, in the sid tree"
+        where = "the host's package" if self.tree == "/" else self.tree
+        return f"Docker {self.version or self.release} (Debian {self.release}, {where}), {store}"
 
     def at_least(self, version: str) -> bool:
         def parts(v: str) -> tuple[int, ...]:
@@ -108,6 +129,14 @@ class Engine:
 
 
 def engine(release: str, containerd_store: bool = False) -> Engine:
+    if release == "docker29":
+        bin_dir = ENGINE_CACHE / DOCKER29 / "bin"
+        sid = ENGINE_CACHE / "sid"
+        try:
+            version = (bin_dir / ".version").read_text().strip() if (sid / ".ready").exists() else ""
+        except OSError:
+            version = ""
+        return Engine(release, containerd_store, str(sid), version, str(bin_dir))
     if release == host_release():
         try:
             out = subprocess.run(["dockerd", "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -168,14 +197,19 @@ class PrivateDockerd:
 
     def start(self, timeout: float = 90.0) -> None:
         if not self.engine.ready:
-            raise RuntimeError(f"engine {self.engine.release} is not set up: run scripts/setup "
-                               f"(scripts/engine-tree {self.engine.release})")
+            how = "scripts/engines-from-source" if self.engine.bin_dir else f"scripts/engine-tree {self.engine.release}"
+            raise RuntimeError(f"engine {self.engine.release} is not set up: run scripts/setup ({how})")
         for d in (self.data_root, self.exec_root):
             d.mkdir(parents=True, exist_ok=True)
         config = self.root / "daemon.json"
         daemon: dict[str, Any] = {}
-        if self.engine.containerd_store:
+        # Docker 29 takes the containerd store by default (nothing said: what fresh installs get);
+        # older engines take it only when asked.
+        if self.engine.bin_dir and not self.engine.containerd_store:
+            daemon["features"] = {"containerd-snapshotter": False}
+        elif self.engine.containerd_store and not self.engine.bin_dir:
             daemon["features"] = {"containerd-snapshotter": True}
+        if self.engine.containerd_store:
             # containerd's root on a filesystem of its own, as on hosts where /var/lib/containerd
             # and /var/lib/docker are different disks: the exporter must measure the right one.
             if not self._tmpfs:
@@ -200,8 +234,10 @@ class PrivateDockerd:
         ]
         if not self.engine.containerd_store:
             argv += ["--storage-driver", "overlay2"]
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "DATA_ROOT": str(self.data_root)})
+        env = {**os.environ, "DATA_ROOT": str(self.data_root), "ENGINE_BIN": self.engine.bin_dir}
+        if self.engine.bin_dir:
+            env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -321,9 +357,13 @@ class PrivateDockerd:
         """A real BuildKit build with the engine's embedded builder."""
         self.cli("build", "--network", "host", "-t", tag, *extra, str(context))
 
+    def has_image(self, tag: str) -> bool:
+        return self.cli("image", "inspect", tag, check=False).returncode == 0
+
     def import_rootfs(self, tag: str, files: dict[str, bytes | tuple[bytes, int]],
-                      links: dict[str, str] | None = None) -> None:
-        """Make an image from a tarball built in memory (no registry is reachable)."""
+                      links: dict[str, str] | None = None, changes: tuple[str, ...] = ()) -> None:
+        """Make an image from a tarball built in memory (no registry is reachable); `changes` are
+        Dockerfile instructions for its config (`docker import --change`)."""
         buf = io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             dirs: set[str] = set()
@@ -348,7 +388,7 @@ class PrivateDockerd:
                 info.type = tarfile.SYMTYPE
                 info.linkname = target
                 tar.addfile(info)
-        self.cli("import", "-", tag, input=buf.getvalue())
+        self.cli("import", *(a for c in changes for a in ("--change", c)), "-", tag, input=buf.getvalue())
 
 
 def busybox_files() -> tuple[dict[str, bytes | tuple[bytes, int]], dict[str, str]]:

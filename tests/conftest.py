@@ -13,7 +13,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from lab import engines
 from lab.engines import PrivateDockerd, write_build_context
-from tests.support import builder_container
+from tests.support import builder_container, buildkit
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -59,8 +59,9 @@ def work_dir(prefix: str) -> Path:
 
 
 def pytest_report_header(config):
-    return ["engines: " + ", ".join(f"{e.id} (Debian {e.release}, {'the host' + chr(39) + 's package' if e.tree == '/' else e.tree})"
-                                    for e in ENGINES)]
+    return ["engines: " + "; ".join(f"{e.id}: {e.describe()}" for e in ENGINES),
+            f"BuildKit: {buildkit.VERSION} built from source ({buildkit.BUILDKIT_BIN}), standalone, rootless "
+            "and as buildx's docker-container builders"]
 
 
 @pytest.fixture(scope="session", params=ENGINES, ids=[e.id for e in ENGINES])
@@ -122,9 +123,35 @@ def big_cache(dockerd, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def builder_image(dockerd):
+def standin_image(dockerd):
+    """The builder stand-in (tests/support/builder_container.py): only for what a real buildkitd
+    cannot be made to do (garbage, a flood, a buildctl without --format)."""
     builder_container.build_image(dockerd)
     return builder_container.IMAGE
+
+
+@pytest.fixture
+def make_builder(dockerd):
+    """Real docker-container builders, made by buildx as users make them (tests/support/buildkit.py),
+    removed with their state at the end of the test."""
+    made: list[buildkit.Builder] = []
+
+    def make(name: str, small: bool = False, flags: tuple[str, ...] = (), node: str = "") -> buildkit.Builder:
+        b = buildkit.create(dockerd, name, small, flags, node)
+        made.append(b)
+        return b
+
+    yield make
+    for b in made:
+        b.remove()
+
+
+@pytest.fixture(scope="session")
+def layer_contexts(tmp_path_factory):
+    """Build contexts for real builders: COPY and RUN layers, and a cache mount."""
+    root = tmp_path_factory.mktemp("layers")
+    return [buildkit.write_context(root / f"l{i}", f"l{i}", layers, cache_mb=cache)
+            for i, (layers, cache) in enumerate([([("copy", 2), ("run", 1)], 1), ([("copy", 1), ("run", 2)], 1)])]
 
 
 @pytest.fixture(scope="session")
