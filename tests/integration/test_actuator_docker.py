@@ -15,7 +15,7 @@ import pytest
 from lab.engines import write_build_context
 from lab.procs import Service, free_port, http_get, value, wait_for
 from tests.conftest import engine_get
-from tests.support import builder_container
+from tests.support import buildkit
 
 pytestmark = pytest.mark.integration
 TOKEN = "integration-token-0123456789"
@@ -33,7 +33,7 @@ def notification(action: str, builder: str, host: str = "test", fp: str = "fp-1"
 
 class Actuator:
     def __init__(self, dockerd, tmp_path: Path, budget: int, dry_run: bool = False, extra: str = "",
-                 state: Path | None = None):
+                 state: Path | None = None, builders: str = "  kamal: {budget: 20GB}"):
         self.port = free_port()
         self.state = state or tmp_path / f"state-{self.port}.json"
         self.audit = tmp_path / f"audit-{self.port}.jsonl"
@@ -45,7 +45,7 @@ docker_hosts:
   - {{url: "{dockerd.url}", name: test}}
 builders:
   default: {{budget: {budget}}}
-  kamal: {{budget: 20GB}}
+{builders}
 actuator:
   listen: 127.0.0.1:{self.port}
   auth: {{bearer_token_file: {token}}}
@@ -262,25 +262,54 @@ def test_prune_all_takes_cache_mounts_and_internal_records_too(big_cache, tmp_pa
     assert [r for r in left if not r["InUse"]] == []
 
 
-def test_docker_container_builder_is_pruned_with_buildctl_through_docker_exec(dockerd, builder_image, tmp_path):
-    container, volume = builder_container.start_builder(dockerd, "kamal0")
-    act = Actuator(dockerd, tmp_path, 1, extra="  actions:\n    nightly: {kind: prune-idle, idle_for: 1d}")
+def unshared(records: list[dict]) -> int:
+    """What BuildKit's keep-storage counts, from its own `buildctl du`: every record not shared."""
+    return sum(r["size"] for r in records if not r["shared"])
+
+
+def prunes_in(dockerd, container: str, since: float) -> list[str]:
+    """The `buildctl prune` commands started in a builder container, from the engine's event log."""
+    return [c for c in buildkit.exec_starts(dockerd, since, container=container) if " prune" in f" {c}"]
+
+
+def test_docker_container_builder_is_pruned_with_buildctl_through_docker_exec(dockerd, make_builder, layer_contexts,
+                                                                              tmp_path):
+    kamal = make_builder("kamal")
+    for ctx in layer_contexts:
+        kamal.build(ctx)
+    before = kamal.settle()
+    budget = unshared(before) // 2 // 1_000_000 * 1_000_000
+    assert budget >= 2_000_000
+    since = time.time()
+    act = Actuator(dockerd, tmp_path, 1, extra="  actions:\n    nightly: {kind: prune-idle, idle_for: 1d}",
+                   builders=f"  kamal: {{budget: {budget}}}")
     try:
-        for action in ("prune-to-budget", "nightly", "prune-all"):
-            assert act.post(notification(action, "kamal", fp=action)) == 200
-        wait_for("three prunes", lambda: len(act.events("pruned")) == 3, timeout=60)
-        calls = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls").stdout.decode().splitlines()
-        prunes = [c for c in calls if c.startswith("prune")]
-        assert prunes == ["prune --keep-storage 20000 --format json", "prune --keep-duration 86400s --format json",
-                          "prune --all --format json"]
-        first = act.events("pruned")[0]
-        assert first["records"] == 3 and first["reclaimed_bytes"] == 9441280 + 708608 + 2109440
-        # Nothing from the alert reached the command line: only configured values did.
-        assert all("fp" not in c and "BuildKit" not in c for c in calls)
+        assert act.post(notification("prune-to-budget", "kamal", fp="budget")) == 200
+        wait_for("the prune to budget", lambda: len(act.events("pruned")) == 1, timeout=60)
+        after_budget = kamal.du()
+        assert act.post(notification("nightly", "kamal", fp="nightly")) == 200
+        wait_for("the idle prune", lambda: len(act.events("pruned")) == 2, timeout=60)
+        after_idle = kamal.du()
+        assert act.post(notification("prune-all", "kamal", fp="all")) == 200
+        wait_for("the prune-all", lambda: len(act.events("pruned")) == 3, timeout=60)
+        after_all = kamal.du()
     finally:
         act.stop()
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+    # The prune to budget left the budget's worth of cache, as BuildKit's own figures say.
+    assert budget // 3 <= unshared(after_budget) <= budget, (budget, unshared(after_budget))
+    first = act.events("pruned")[0]
+    gone = {r["id"] for r in before} - {r["id"] for r in after_budget}
+    assert first["records"] == len(gone) > 0
+    assert first["reclaimed_bytes"] == sum(r["size"] for r in before if r["id"] in gone)
+    # Nothing was unused for a day: the idle prune took nothing. prune-all took every record.
+    assert {r["id"] for r in after_idle} == {r["id"] for r in after_budget}
+    assert [r for r in after_all if not r["inUse"]] == []
+    # What ran in the builder: buildctl with the configured values, nothing from the alert.
+    calls = prunes_in(dockerd, kamal.container, since)
+    assert [c.split("buildctl ", 1)[1] for c in calls] == [
+        f"prune --keep-storage {budget // 1_000_000} --format json", "prune --keep-duration 86400s --format json",
+        "prune --all --format json"], calls
+    assert all("fp" not in c and "BuildKit" not in c and "nightly" not in c for c in calls)
 
 
 def test_an_unknown_builder_is_answered_200_and_nothing_is_pruned(big_cache, tmp_path):
@@ -297,67 +326,90 @@ def test_an_unknown_builder_is_answered_200_and_nothing_is_pruned(big_cache, tmp
     assert non_shared_bytes(dockerd) == before
 
 
-def test_sigterm_during_a_prune_answers_503_meanwhile_and_records_the_outcome(dockerd, builder_image, tmp_path):
+@pytest.fixture
+def frozen(make_builder, layer_contexts):
+    """A real builder with cache, and a way to stop its buildkitd where it stands (SIGSTOP): a prune
+    sent to it waits until it is thawed, as a prune of a big cache takes minutes."""
+    made = []
+
+    def make(name: str) -> buildkit.Builder:
+        b = make_builder(name)
+        b.build(layer_contexts[0])
+        b.settle()
+        made.append(b)
+        return b
+
+    yield make
+
+
+def test_sigterm_during_a_prune_answers_503_meanwhile_and_records_the_outcome(dockerd, frozen, tmp_path):
     """While it drains, the listener stays open: notifications get 503 (Alertmanager retries) and
     /healthz says it is shutting down; the running prune finishes and its line is written."""
-    container, volume = builder_container.start_builder(dockerd, "slow0")
-    dockerd.cli("exec", container, "sh", "-c", "echo 6 > /fixtures/slowprune")
+    slow = frozen("slow")
     act = Actuator(dockerd, tmp_path, 12_000_000)
+    freeze = slow.freeze_at_prune()
     try:
         assert act.post(notification("prune-all", "slow")) == 200
         wait_for("the prune to start", lambda: act.events("started"), timeout=30)
+        wait_for("buildkitd frozen at the prune", freeze.frozen.is_set, timeout=30)
+        time.sleep(1)
         act.svc.proc.send_signal(signal.SIGTERM)
         time.sleep(1)
         assert act.post(notification("prune-all", "default", fp="fp-2")) == 503
         code, text = http_get(act.url + "/healthz")
         assert code == 503 and "shutting down" in text
+        assert act.svc.proc.poll() is None, "it must wait for the running prune"
+        assert act.events("pruned") == []
+        freeze.thaw()
         assert act.svc.proc.wait(40) == 0
         pruned = act.events("pruned")
-        assert len(pruned) == 1 and pruned[0]["builder"] == "slow" and pruned[0]["container"] == container
+        assert len(pruned) == 1 and pruned[0]["builder"] == "slow" and pruned[0]["container"] == slow.container
+        assert pruned[0]["records"] > 0
     finally:
+        freeze.thaw()
         act.svc.stop()
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+    assert [r for r in slow.du() if not r["inUse"]] == []
 
 
-def test_sigkill_during_a_prune_then_a_restart_starts_no_second_prune(dockerd, builder_image, tmp_path):
+def test_sigkill_during_a_prune_then_a_restart_starts_no_second_prune(dockerd, frozen, tmp_path):
     """The process dies while BuildKit (here: buildctl in the builder container) still prunes; the
     next process finds the claim in the state file and starts nothing for the re-sent notification."""
-    container, volume = builder_container.start_builder(dockerd, "killed0")
-    dockerd.cli("exec", container, "sh", "-c", "echo 8 > /fixtures/slowprune")
+    killed = frozen("killed")
     state = tmp_path / "state.json"
+    since = time.time()
     first = Actuator(dockerd, tmp_path, 12_000_000, state=state)
     second = None
+    freeze = killed.freeze_at_prune()
     try:
         assert first.post(notification("prune-all", "killed")) == 200
         wait_for("the prune to start", lambda: first.events("started"), timeout=30)
+        wait_for("buildkitd frozen at the prune", freeze.frozen.is_set, timeout=30)
         first.svc.proc.kill()
         first.svc.proc.wait(10)
+        freeze.thaw()  # the prune goes on in the builder, its actuator gone
         second = Actuator(dockerd, tmp_path, 12_000_000, state=state)
         assert second.post(notification("prune-all", "killed")) == 200
-        time.sleep(10)  # past the first prune's end in the container
+        time.sleep(3)
         assert [e["decision"] for e in second.events("skipped")] == ["duplicate_in_progress"]
         assert second.events("started") == []
         assert "still claimed when the actuator stopped" in second.svc.output()
-        calls = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls").stdout.decode()
-        assert len([c for c in calls.splitlines() if c.startswith("prune")]) == 1, calls
+        assert len(prunes_in(dockerd, killed.container, since)) == 1
     finally:
+        freeze.thaw()
         if second is not None:
             second.stop()
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
 
 
-def test_dockerd_going_down_during_a_prune_is_recorded_said_by_healthz_and_recovered_from(build_cache, builder_image,
+def test_dockerd_going_down_during_a_prune_is_recorded_said_by_healthz_and_recovered_from(build_cache, frozen,
                                                                                          tmp_path):
     dockerd = build_cache
-    container, volume = builder_container.start_builder(dockerd, "downed0")
-    dockerd.cli("exec", container, "sh", "-c", "echo 20 > /fixtures/slowprune")
+    downed = frozen("downed")
     act = Actuator(dockerd, tmp_path, 12_000_000)
+    freeze = downed.freeze_at_prune()
     try:
         assert act.post(notification("prune-all", "downed")) == 200
-        wait_for("the prune to start", lambda: act.events("started"), timeout=30)
-        dockerd.stop()
+        wait_for("buildkitd frozen at the prune", freeze.frozen.is_set, timeout=30)
+        dockerd.stop()  # it kills its containers, the frozen buildkitd among them
         try:
             wait_for("the prune to fail", lambda: act.events("failed"), timeout=60)
             failed = act.events("failed")[0]
@@ -372,28 +424,26 @@ def test_dockerd_going_down_during_a_prune_is_recorded_said_by_healthz_and_recov
         wait_for("the prune", lambda: act.events("pruned"), timeout=60)
         assert act.svc.proc.poll() is None
     finally:
+        freeze.thaw()
         act.stop()
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
 
 
-def prunes_in(dockerd, container: str) -> list[str]:
-    out = dockerd.cli("exec", container, "cat", "/var/log/buildctl-calls", check=False).stdout.decode()
-    return [c for c in out.splitlines() if c.startswith("prune")]
-
-
-def test_a_name_that_came_to_mean_another_container_is_refused_then_the_new_one_is_pruned(dockerd, builder_image,
-                                                                                        tmp_path):
-    """H1 (a): at start only buildx_buildkit_ci10 (builder ci1); then buildx_buildkit_ci1 appears and,
-    the two names colliding, takes the name ci1 (as the exporter shows it). An alert about ci1 that
-    started before is about the old container: refused and audited, nothing pruned anywhere. One that
-    starts after prunes the container the name means now."""
-    old, old_volume = builder_container.start_builder(dockerd, "ci10")
+def test_a_name_that_came_to_mean_another_container_is_refused_then_the_new_one_is_pruned(dockerd, make_builder,
+                                                                                        layer_contexts, tmp_path):
+    """H1 (a): at start only buildx_buildkit_ci10 (builder ci1); then buildx_buildkit_ci1 appears (node
+    1 of builder ci, `buildx create --append`) and, the two names colliding, takes the name ci1 (as
+    the exporter shows it). An alert about ci1 that started before is about the old container:
+    refused and audited, nothing pruned anywhere. One that starts after prunes the container the
+    name means now."""
+    since = time.time()
+    old = make_builder("ci1")
+    old.build(layer_contexts[0])
     act = Actuator(dockerd, tmp_path, 1)
-    new = new_volume = ""
     try:
         time.sleep(1)  # the start-up's lookup has seen ci1 -> buildx_buildkit_ci10
-        new, new_volume = builder_container.start_builder(dockerd, "ci1")
+        new = make_builder("ci", node="ci1")
+        new.build(layer_contexts[1])
+        new.settle()
         time.sleep(2.5)  # older than any list the actuator may reuse
         assert act.post(notification("prune-all", "ci1", fp="before")) == 200
         wait_for("the refusal", lambda: act.events("skipped"), timeout=30)
@@ -403,32 +453,33 @@ def test_a_name_that_came_to_mean_another_container_is_refused_then_the_new_one_
         assert act.post(notification("prune-all", "ci1", fp="after", starts=now)) == 200
         wait_for("the prune", lambda: act.events("pruned"), timeout=30)
         assert act.events("pruned")[0]["container"] == "buildx_buildkit_ci1"
-        assert prunes_in(dockerd, new) == ["prune --all --format json"] and prunes_in(dockerd, old) == []
     finally:
         act.stop()
-        for c, v in ((old, old_volume), (new, new_volume)):
-            if c:
-                dockerd.cli("rm", "-f", c, check=False)
-                dockerd.cli("volume", "rm", v, check=False)
+    assert [c.split("buildctl ", 1)[1] for c in prunes_in(dockerd, "buildx_buildkit_ci1", since)] == [
+        "prune --all --format json"]
+    assert prunes_in(dockerd, "buildx_buildkit_ci10", since) == []
+    assert [r for r in new.du() if not r["inUse"]] == [] and old.du() != []
 
 
-def test_a_leaked_volume_whose_container_came_back_is_prunable_at_once(dockerd, builder_image, tmp_path):
-    """H1 (b): at start only the volume buildx_buildkit_foo0_state; its container created afterwards."""
+def test_a_leaked_volume_whose_container_came_back_is_prunable_at_once(dockerd, make_builder, layer_contexts,
+                                                                         tmp_path):
+    """H1 (b): at start only the volume buildx_buildkit_foo0_state; its builder created afterwards."""
     volume = "buildx_buildkit_foo0_state"
     dockerd.cli("volume", "create", volume)
+    since = time.time()
     act = Actuator(dockerd, tmp_path, 1)
-    container = ""
     try:
         time.sleep(1)  # the start-up's lookup has seen the volume alone
-        container, _ = builder_container.start_builder(dockerd, "foo0")
+        foo = make_builder("foo")
+        foo.build(layer_contexts[0])
+        foo.settle()
         time.sleep(2.5)
         assert act.post(notification("prune-all", "foo")) == 200
         wait_for("the prune", lambda: act.events("pruned") or act.events("failed") or act.events("skipped"),
                  timeout=30)
         assert act.events("pruned"), act.events()
-        assert prunes_in(dockerd, container) == ["prune --all --format json"]
     finally:
         act.stop()
-        if container:
-            dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+        dockerd.cli("volume", "rm", "-f", volume, check=False)
+    assert len(prunes_in(dockerd, foo.container, since)) == 1
+    assert [r for r in foo.du() if not r["inUse"]] == []

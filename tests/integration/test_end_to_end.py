@@ -12,7 +12,6 @@ import yaml
 from lab.procs import ROOT, http_get, value, wait_for
 from lab.stack import Stack
 from tests.conftest import engine_get
-from tests.support import builder_container
 
 pytestmark = pytest.mark.integration
 BUDGET = 12_000_000
@@ -23,21 +22,17 @@ def unshared(dockerd) -> int:
 
 
 @pytest.fixture
-def stack(big_cache, builder_image, tmp_path):
-    dockerd = big_cache
-    # A docker-container builder too, with GC on: its series feed the dashboard's GC and volume panels.
-    container, volume = builder_container.start_builder(dockerd, "kamal0")
-    builder_container.fill_state(dockerd, container)
-    dockerd.cli("exec", container, "touch", "/fixtures/gc")
+def stack(big_cache, make_builder, layer_contexts, tmp_path):
+    # A real buildx builder too (BuildKit's GC is on by default): its series feed the dashboard's GC
+    # and volume panels.
+    kamal = make_builder("kamal")
+    kamal.build(layer_contexts[0])
+    kamal.settle()
+    stack = Stack(big_cache, tmp_path, host="test", budget=BUDGET, interval="1s", for_="1s")
     try:
-        stack = Stack(dockerd, tmp_path, host="test", budget=BUDGET, interval="1s", for_="1s")
-        try:
-            yield stack
-        finally:
-            stack.stop()
+        yield stack
     finally:
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+        stack.stop()
 
 
 def test_over_budget_cache_is_pruned_by_the_shipped_rules_and_route(big_cache, stack):

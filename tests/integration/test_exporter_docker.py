@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
 from buildkit_cache.models import RECORD_TYPES, STATES
 from tests.conftest import engine_get
-from tests.support import builder_container
+from tests.support import builder_container, buildkit
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -54,13 +53,36 @@ def walk(root: str) -> tuple[int, int]:
     return total, count
 
 
-@pytest.fixture(scope="module")
-def kamal_builder(dockerd, builder_image):
-    container, volume = builder_container.start_builder(dockerd, "kamal0")
-    builder_container.fill_state(dockerd, container)
-    yield container, volume
-    dockerd.cli("rm", "-f", container, check=False)
-    dockerd.cli("volume", "rm", volume, check=False)
+@pytest.fixture
+def kamal(make_builder, layer_contexts):
+    """A real buildx builder `kamal` with real build cache: two builds, layers and a cache mount."""
+    b = make_builder("kamal")
+    for ctx in layer_contexts:
+        b.build(ctx)
+    b.settle()
+    return b
+
+
+def by_type_state(records: list[dict]) -> dict[tuple[str, str], tuple[int, int]]:
+    """BuildKit's own `buildctl du` records, counted and summed by record type and state."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for r in records:
+        state = "in_use" if r["inUse"] else "shared" if r["shared"] else "reclaimable"
+        cell = out.setdefault((r["recordType"] or "regular", state), [0, 0])
+        cell[0] += 1
+        cell[1] += r["size"]
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def exported_by_type_state(reg, labels: dict) -> dict[tuple[str, str], tuple[int, int]]:
+    out = {}
+    for t in RECORD_TYPES:
+        for st in STATES:
+            L = {**labels, "record_type": t, "state": st}
+            n = reg.get_sample_value("buildkit_cache_records", L)
+            if n:
+                out[(t, st)] = (int(n), int(reg.get_sample_value("buildkit_cache_size_bytes", L)))
+    return out
 
 
 async def test_engine_builder_bytes_and_counts_per_type_equal_system_df(build_cache):
@@ -120,42 +142,43 @@ async def test_engine_builder_filesystem_is_the_one_holding_the_snapshots(build_
     assert abs(reg.get_sample_value("buildkit_cache_filesystem_files_free", L) - st.f_ffree) < 10_000
 
 
-async def test_buildx_builder_container_and_its_state_volume_are_found_and_walked(dockerd, kamal_builder):
-    container, volume = kamal_builder
+async def test_buildx_builder_container_and_its_state_volume_are_found_and_walked(dockerd, kamal):
     store, reg = await collect_once(config_for(dockerd, builders={"kamal": {"budget": "1GB"}}))
     L = {"host": "test", "builder": "kamal"}
     assert reg.get_sample_value("buildkit_cache_builder_info", {
-        **L, "driver": "docker-container", "buildkit_version": "v0.0.0+unknown", "container": container,
-        "volume": volume, "address": ""}) == 1
-    mountpoint = engine_get(dockerd, f"/volumes/{volume}")["Mountpoint"]
-    size, files = walk(mountpoint)
+        **L, "driver": "docker-container", "buildkit_version": buildkit.VERSION, "container": kamal.container,
+        "volume": kamal.volume, "address": ""}) == 1
+    # Records: what the builder's own `buildctl du` says, by type and state.
+    du = kamal.du()
+    assert {r["recordType"] for r in du} >= {"regular", "source.local", "exec.cachemount"}
+    assert exported_by_type_state(reg, L) == by_type_state(du)
+    # The state volume, walked independently; its filesystem's statvfs.
+    size, files = walk(kamal.mountpoint())
     assert files > 40
     assert reg.get_sample_value("buildkit_cache_state_volume_size_bytes", L) == size
     assert reg.get_sample_value("buildkit_cache_state_volume_files", L) == files
-    st = os.statvfs(mountpoint)
+    st = os.statvfs(kamal.mountpoint())
     assert reg.get_sample_value("buildkit_cache_filesystem_files", L) == st.f_files
     assert reg.get_sample_value("buildkit_cache_budget_bytes", L) == 1e9
-    # Records come from `buildctl du` run in the container through docker exec.
-    fixture = (ROOT / "tests/fixtures/buildctl/du.json").read_text()
+    # BuildKit v0.32 turns GC on by default: the rules its `debug workers` reports.
     import json
-    want = sum(r["size"] for r in json.loads(fixture))
-    got = sum(reg.get_sample_value("buildkit_cache_size_bytes", {**L, "record_type": t, "state": s})
-              for t in RECORD_TYPES for s in STATES)
-    assert got == want
-    assert reg.get_sample_value("buildkit_cache_gc_enabled", L) == 0
+    (worker,) = json.loads(kamal.buildctl("debug", "workers", "--format", "json").stdout)
+    policy = worker["gcPolicy"]
+    assert reg.get_sample_value("buildkit_cache_gc_enabled", L) == 1
+    for i, rule in enumerate(policy):
+        assert reg.get_sample_value("buildkit_cache_gc_rule_max_used_bytes", {**L, "rule": str(i)}) == rule.get(
+            "maxUsedSpace", 0), rule
 
 
-async def test_without_host_access_the_volume_and_filesystem_are_measured_inside_the_container(dockerd, kamal_builder):
-    container, volume = kamal_builder
+async def test_without_host_access_the_volume_and_filesystem_are_measured_inside_the_container(dockerd, kamal):
     cfg = parse_config({"docker_hosts": [{"url": dockerd.url, "name": "test", "host_root": ""}]})
     _, reg = await collect_once(cfg)
     L = {"host": "test", "builder": "kamal"}
-    mountpoint = engine_get(dockerd, f"/volumes/{volume}")["Mountpoint"]
-    size, files = walk(mountpoint)
+    size, files = walk(kamal.mountpoint())
     # busybox du -k rounds to KiB; find counts the same entries as the walk.
     assert abs(reg.get_sample_value("buildkit_cache_state_volume_size_bytes", L) - size) <= 1024 * 4
     assert reg.get_sample_value("buildkit_cache_state_volume_files", L) == files
-    st = os.statvfs(mountpoint)
+    st = os.statvfs(kamal.mountpoint())
     assert reg.get_sample_value("buildkit_cache_filesystem_size_bytes", L) == st.f_blocks * st.f_frsize
     assert reg.get_sample_value("buildkit_cache_filesystem_files", L) == st.f_files
     # The engine's own filesystem needs host access: that measurement is simply not offered then.
@@ -173,8 +196,21 @@ async def test_a_wrong_host_root_fails_the_filesystem_measurement_and_says_why(d
     assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 1
 
 
-async def test_older_buildctl_without_format_falls_back_to_verbose_output(dockerd, kamal_builder):
-    container, _ = kamal_builder
+@pytest.fixture
+def standin_builder(dockerd, standin_image):
+    """The builder stand-in: what a real buildkitd cannot be made to do here (a buildctl older than
+    --format, garbage, a 70 MB flood). Its buildctl prints recordings of a real one."""
+    container, volume = builder_container.start_builder(dockerd, "kamal0")
+    builder_container.fill_state(dockerd, container)
+    yield container, volume
+    dockerd.cli("rm", "-f", container, check=False)
+    dockerd.cli("volume", "rm", volume, check=False)
+
+
+async def test_older_buildctl_without_format_falls_back_to_verbose_output(dockerd, standin_builder):
+    """Stand-in: only BuildKit v0.32 can be built here, and its buildctl has --format; releases
+    before v0.11 had not (their `du -v` and `debug workers --verbose` output is recorded)."""
+    container, _ = standin_builder
     dockerd.cli("exec", container, "touch", "/fixtures/old", "/fixtures/gc")
     try:
         _, reg = await collect_once(config_for(dockerd))
@@ -191,9 +227,10 @@ async def test_older_buildctl_without_format_falls_back_to_verbose_output(docker
 
 
 @pytest.mark.parametrize(("switch", "said"), [("garbage", "JSON"), ("huge", "printed more than 64 MiB")])
-async def test_garbage_or_a_flood_from_buildctl_fails_records_only_and_recovers(dockerd, kamal_builder, switch, said,
+async def test_garbage_or_a_flood_from_buildctl_fails_records_only_and_recovers(dockerd, standin_builder, switch, said,
                                                                                caplog):
-    container, _ = kamal_builder
+    """Stand-in: no real buildctl prints garbage or 70 MB (a damaged binary or terminal would)."""
+    container, _ = standin_builder
     L = {"host": "test", "builder": "kamal"}
     dockerd.cli("exec", container, "touch", f"/fixtures/{switch}")
     try:
@@ -208,22 +245,19 @@ async def test_garbage_or_a_flood_from_buildctl_fails_records_only_and_recovers(
     assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 1
 
 
-async def test_stopped_builder_fails_records_but_still_measures_its_volume(dockerd, builder_image):
-    container, volume = builder_container.start_builder(dockerd, "stopped0")
-    try:
-        dockerd.cli("stop", "-t", "0", container)
-        store, reg = await collect_once(config_for(dockerd))
-        L = {"host": "test", "builder": "stopped"}
-        assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 0
-        assert "not running" in store.builders[("test", "stopped")].results["records"].error
-        assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "state_volume"}) == 1
-        assert reg.get_sample_value("buildkit_cache_state_volume_files", L) >= 1
-        # Other builders are unaffected.
-        assert reg.get_sample_value("buildkit_cache_measurement_success",
-                                    {"host": "test", "builder": "default", "measurement": "records"}) == 1
-    finally:
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+async def test_stopped_builder_fails_records_but_still_measures_its_volume(dockerd, make_builder, layer_contexts):
+    b = make_builder("stopped")
+    b.build(layer_contexts[0])
+    dockerd.cli("stop", "-t", "5", b.container)
+    store, reg = await collect_once(config_for(dockerd))
+    L = {"host": "test", "builder": "stopped"}
+    assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 0
+    assert "not running" in store.builders[("test", "stopped")].results["records"].error
+    assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "state_volume"}) == 1
+    assert reg.get_sample_value("buildkit_cache_state_volume_files", L) == walk(b.mountpoint())[1] > 10
+    # Other builders are unaffected.
+    assert reg.get_sample_value("buildkit_cache_measurement_success",
+                                {"host": "test", "builder": "default", "measurement": "records"}) == 1
 
 
 async def test_a_leaked_state_volume_without_container_is_reported(dockerd):
@@ -240,46 +274,34 @@ async def test_a_leaked_state_volume_without_container_is_reported(dockerd):
         dockerd.cli("volume", "rm", "buildx_buildkit_gone0_state", check=False)
 
 
-def fake_buildctl(tmp_path: Path) -> Path:
-    """A local buildctl for a remote buildkitd, which cannot run here: it answers with recordings."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    script = bindir / "buildctl"
-    fixtures = ROOT / "tests/fixtures/buildctl"
-    script.write_text(
-        "#!/bin/sh\n"
-        f'echo "$*" >> {tmp_path}/calls\n'
-        'case "$*" in\n'
-        f'  "--addr tcp://buildkitd.test:1234 du --format json") cat {fixtures}/du.json ;;\n'
-        f'  "--addr tcp://buildkitd.test:1234 debug workers --format json") cat {fixtures}/debug-workers-gc.json ;;\n'
-        '  *) echo "error: dial tcp: connection refused" >&2; exit 1 ;;\n'
-        "esac\n"
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
+async def test_remote_buildkitd_is_measured_with_a_local_buildctl(dockerd, tmp_path, layer_contexts):
+    """A standalone buildkitd on tcp://, as Kubernetes runs it, with real build cache; another
+    address where nothing listens."""
+    from lab.procs import free_port
 
-
-async def test_remote_buildkitd_is_measured_with_a_local_buildctl(dockerd, tmp_path):
-    script = fake_buildctl(tmp_path)
-    cfg = parse_config({
-        "docker_hosts": [{"url": dockerd.url, "name": "test"}],
-        "exporter": {"buildctl": str(script)},
-        "builders": {"ci": {"address": "tcp://buildkitd.test:1234", "budget": "40MB"},
-                     "down": {"address": "tcp://down.test:1234"}},
-    })
-    store, reg = await collect_once(cfg)
-    L = {"host": "buildkitd.test", "builder": "ci"}
-    got = sum(reg.get_sample_value("buildkit_cache_size_bytes", {**L, "record_type": t, "state": s})
-              for t in RECORD_TYPES for s in STATES)
-    assert round(got / 1e6, 2) == 44.96
+    bkd = buildkit.Buildkitd(tmp_path / "bkd", address=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        bkd.build(layer_contexts[0])
+        cfg = parse_config({
+            "docker_hosts": [{"url": dockerd.url, "name": "test"}],
+            "exporter": {"buildctl": bkd.buildctl_path},
+            "builders": {"ci": {"address": bkd.address, "budget": "40MB"},
+                         "down": {"address": f"tcp://127.0.0.1:{free_port()}"}},
+        })
+        store, reg = await collect_once(cfg)
+        du = bkd.du()
+    finally:
+        bkd.stop()
+    L = {"host": "127.0.0.1", "builder": "ci"}
+    assert exported_by_type_state(reg, L) == by_type_state(du) != {}
     assert reg.get_sample_value("buildkit_cache_gc_enabled", L) == 1
     assert reg.get_sample_value("buildkit_cache_budget_bytes", L) == 40e6
     assert reg.get_sample_value("buildkit_cache_builder_info", {
-        **L, "driver": "remote", "buildkit_version": "v0.0.0+unknown", "container": "", "volume": "",
-        "address": "tcp://buildkitd.test:1234"}) == 1
-    down = {"host": "down.test", "builder": "down", "measurement": "records"}
+        **L, "driver": "remote", "buildkit_version": buildkit.VERSION, "container": "", "volume": "",
+        "address": bkd.address}) == 1
+    down = {"host": "127.0.0.1", "builder": "down", "measurement": "records"}
     assert reg.get_sample_value("buildkit_cache_measurement_success", down) == 0
-    assert "connection refused" in store.builders[("down.test", "down")].results["records"].error
+    assert "connection refused" in store.builders[("127.0.0.1", "down")].results["records"].error
 
 
 def test_once_exits_1_and_says_why_when_docker_is_down(tmp_path):
@@ -297,3 +319,35 @@ def test_once_exits_0_on_a_healthy_host(build_cache):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert 'buildkit_cache_measurement_success{builder="default",host="local",measurement="records"} 1.0' in done.stdout
+
+
+def test_an_empty_cache_is_zero_records_and_success_fresh_and_after_prune_all(engine, tmp_path):
+    """A fresh engine (Docker 29 answers `{"BuildCacheUsage":{}}` then), and the same engine after
+    `docker builder prune -af`: 0 records, every measurement a success, `--once` exits 0."""
+    from lab.engines import PrivateDockerd, write_build_context
+    from tests.conftest import work_dir
+
+    fresh = PrivateDockerd(work_dir(f"bkce-fresh-{engine.id}-"), engine)
+
+    def once() -> tuple[int, dict]:
+        done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--format", "prometheus",
+                               "--docker-host", fresh.url], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        from lab.procs import samples
+
+        got = samples(done.stdout)
+        assert done.returncode == 0, done.stderr
+        L = {"host": "local", "builder": "default"}
+        assert got[("buildkit_cache_measurement_success", frozenset({**L, "measurement": "records"}.items()))] == 1
+        assert "records failed" not in done.stderr, done.stderr
+        return sum(v for (n, _), v in got.items() if n == "buildkit_cache_records"), got
+
+    try:
+        fresh.start()
+        assert once()[0] == 0
+        write_build_context(tmp_path / "ctx", "fresh", 1, 1)
+        fresh.build(tmp_path / "ctx", "fresh:latest")
+        assert once()[0] == len(fresh.api("/system/df")["BuildCache"]) > 0
+        fresh.cli("builder", "prune", "-af")
+        assert once()[0] == 0
+    finally:
+        fresh.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from lab.procs import Service, free_port, http_get, value, wait_for
-from tests.support import builder_container
+from tests.support import buildkit
 
 pytestmark = pytest.mark.integration
 
@@ -42,42 +43,34 @@ def scrape(url: str) -> str:
     return text
 
 
-def test_builders_that_appear_stop_restart_and_vanish_are_followed(dockerd, builder_image, exporter):
+def test_builders_that_appear_stop_restart_and_vanish_are_followed(dockerd, make_builder, exporter):
     svc, url = exporter
     L = {"host": "test", "builder": "live"}
-    container, volume = builder_container.start_builder(dockerd, "live0")
-    try:
-        wait_for("the new builder", lambda: value(scrape(url), "buildkit_cache_measurement_success",
-                                                   measurement="records", **L) == 1)
-        assert value(scrape(url), "buildkit_cache_budget_bytes", **L) == 1e9
-        dockerd.cli("stop", "-t", "0", container)
-        wait_for("records to fail", lambda: value(scrape(url), "buildkit_cache_measurement_success",
-                                                   measurement="records", **L) == 0)
-        dockerd.cli("start", container)
-        wait_for("records to recover", lambda: value(scrape(url), "buildkit_cache_measurement_success",
-                                                      measurement="records", **L) == 1)
-    finally:
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
-    wait_for("the builder to vanish", lambda: value(scrape(url), "buildkit_cache_builder_info", **L, driver="docker-container",
-                                                     buildkit_version="v0.0.0+unknown", container=container,
-                                                     volume=volume, address="") is None
-             and 'builder="live"' not in scrape(url))
+    live = make_builder("live")
+    wait_for("the new builder", lambda: value(scrape(url), "buildkit_cache_measurement_success",
+                                               measurement="records", **L) == 1)
+    assert value(scrape(url), "buildkit_cache_budget_bytes", **L) == 1e9
+    dockerd.cli("stop", "-t", "5", live.container)
+    wait_for("records to fail", lambda: value(scrape(url), "buildkit_cache_measurement_success",
+                                               measurement="records", **L) == 0)
+    dockerd.cli("start", live.container)
+    buildkit.wait_ready(live)
+    wait_for("records to recover", lambda: value(scrape(url), "buildkit_cache_measurement_success",
+                                                  measurement="records", **L) == 1)
+    live.remove()
+    wait_for("the builder to vanish", lambda: 'builder="live"' not in scrape(url))
     log = svc.output()
     assert "found builder test/live (driver docker-container, container buildx_buildkit_live0)" in log
     assert "builder test/live is gone" in log
 
 
-def test_promtool_accepts_a_real_scrape(dockerd, builder_image, build_cache, exporter):
+def test_promtool_accepts_a_real_scrape(dockerd, make_builder, layer_contexts, build_cache, exporter):
     _, url = exporter
-    container, volume = builder_container.start_builder(dockerd, "lint0")
-    try:
-        wait_for("the builder's gc policy", lambda: value(scrape(url), "buildkit_cache_gc_enabled",
-                                                          host="test", builder="lint") is not None)
-        text = scrape(url)
-    finally:
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+    lint = make_builder("lint")
+    lint.build(layer_contexts[0])
+    wait_for("the builder's gc policy", lambda: value(scrape(url), "buildkit_cache_gc_enabled",
+                                                      host="test", builder="lint") is not None)
+    text = scrape(url)
     done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "" and done.stderr.strip() == "", done.stdout + done.stderr
@@ -111,21 +104,25 @@ def test_dockerd_going_down_shows_success_0_and_recovers_without_restart(build_c
     assert "docker host test: reachable again" in log
 
 
-def test_a_hung_builder_costs_its_own_measurement_and_nothing_else(dockerd, builder_image, build_cache, exporter):
-    """Its buildctl never answers: the exec's deadline frees the worker, the container's `timeout`
-    kills the command, and the Docker host and the other builders stay fresh."""
+def test_a_hung_builder_costs_its_own_measurement_and_nothing_else(dockerd, make_builder, build_cache, exporter):
+    """A real buildkitd that stops answering (SIGSTOP: it takes connections and answers nothing):
+    the exec's deadline frees the worker, the container's `timeout` kills the buildctl, no second
+    one is started beside a hung first, and the Docker host and the other builders stay fresh."""
     _, url = exporter
-    container, volume = builder_container.start_builder(dockerd, "hung0")
-    dockerd.cli("exec", container, "touch", "/fixtures/hang")
+    hung = make_builder("hung")
+    H = {"host": "test", "builder": "hung"}
+    wait_for("the builder measured", lambda: value(scrape(url), "buildkit_cache_measurement_success",
+                                                   measurement="records", **H) == 1, timeout=60)
+    pid = hung.freeze()
     try:
-        H = {"host": "test", "builder": "hung"}
         wait_for("the hung builder's records to fail", lambda: value(scrape(url), "buildkit_cache_measurement_success",
                                                                        measurement="records", **H) == 0, timeout=60)
         most = 0
         for _ in range(20):  # several more rounds of the hung measurement
             time.sleep(1)
-            hung = dockerd.cli("exec", container, "pgrep", "-f", "sleep 100000", check=False).stdout.decode().split()
-            most = max(most, len(hung))
+            du = [p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).startswith("buildctl du")
+                  and _in_container(p, hung.container, dockerd)]
+            most = max(most, len(du))
         assert most <= 1, f"{most} hung buildctl at once: a second one was started beside the first"
         text = scrape(url)
         assert value(text, "buildkit_cache_measurement_consecutive_failures", measurement="records", **H) >= 2
@@ -137,5 +134,26 @@ def test_a_hung_builder_costs_its_own_measurement_and_nothing_else(dockerd, buil
         # Its other measurements go on too.
         assert value(text, "buildkit_cache_measurement_success", measurement="state_volume", **H) == 1
     finally:
-        dockerd.cli("rm", "-f", container, check=False)
-        dockerd.cli("volume", "rm", volume, check=False)
+        hung.thaw(pid)
+    wait_for("records to recover", lambda: value(scrape(url), "buildkit_cache_measurement_success",
+                                                  measurement="records", **H) == 1, timeout=90)
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+_container_ids: dict[str, str] = {}
+
+
+def _in_container(proc: Path, container: str, dockerd) -> bool:
+    """Whether a process runs in that container: its cgroup names the container's id."""
+    if container not in _container_ids:
+        _container_ids[container] = dockerd.cli("inspect", "-f", "{{.Id}}", container).stdout.decode().strip()
+    try:
+        return _container_ids[container] in (proc / "cgroup").read_text()
+    except OSError:
+        return False

@@ -24,7 +24,7 @@ from lab.engines import PrivateDockerd, busybox_files
 from lab.procs import wait_for
 from tests.conftest import ENGINES, engine_get
 from tests.integration.test_actuator_docker import TOKEN, notification
-from tests.support import builder_container
+from tests.support import buildkit
 from tests.support.image import BASE_TREE, build_shipped_image, copy_context, import_tree
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,8 +113,8 @@ class Compose:
         copy_context(self.repo)
         shutil.copytree(wheelhouse, self.repo / "wheelhouse")
         self.dir = self.repo / "deploy"
-        builder_container.build_image(dockerd)
-        dockerd.cli("tag", builder_container.IMAGE, "moby/buildkit:v0.26.2")
+        # BuildKit's release image as the Dockerfile names it: the real buildctl and buildkitd.
+        dockerd.cli("tag", buildkit.build_image(dockerd), "moby/buildkit:v0.32.2")
         dockerd.cli("tag", BASE, "python:3.12-slim")
         files, links = busybox_files()
         dockerd.import_rootfs("bkce-sleeper:test", files, links)

@@ -2,7 +2,7 @@
 
 The Dockerfile's two images from a registry get local stand-ins, passed as its build arguments: the
 base (Debian 12's python3, `docker import`ed from the tree scripts/engine-tree makes) and BuildKit's
-release image, whose /usr/bin/buildctl is the builder stand-in's (tests/support/builder_container).
+release image, whose /usr/bin/buildctl is BuildKit v0.32.2's, built from source (tests/support/buildkit.py).
 The Python packages come from a wheelhouse made here on the host, put where the Dockerfile looks for
 one (./wheelhouse in the context), because pip cannot reach an index inside a build here (FACTS)."""
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lab.engines import ENGINE_CACHE, PrivateDockerd
-from tests.support import builder_container
+from tests.support import buildkit
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ def build_shipped_image(dockerd: PrivateDockerd, work: Path, tag: str, base: str
     """`docker build` of the repository as shipped, with the stand-ins as build arguments; with
     `engine_default_builder`, the builder that engine's `docker build` uses when nothing is said
     (20.10: the legacy builder), else BuildKit."""
-    builder_container.build_image(dockerd)
+    buildctl_image = buildkit.build_image(dockerd)
     ctx = work / "context"
     copy_context(ctx)
     shutil.copytree(wheelhouse, ctx / "wheelhouse")
@@ -79,7 +79,7 @@ def build_shipped_image(dockerd: PrivateDockerd, work: Path, tag: str, base: str
     if engine_default_builder:
         env.pop("DOCKER_BUILDKIT")
     argv = dockerd.cli_argv("build", "--network", "none", "--build-arg", f"BASE={base}",
-                            "--build-arg", f"BUILDKIT={builder_container.IMAGE}", "-t", tag, str(ctx))
+                            "--build-arg", f"BUILDKIT={buildctl_image}", "-t", tag, str(ctx))
     done = subprocess.run(argv, env=env, capture_output=True, timeout=900, check=False)
     shutil.rmtree(ctx)
     return done
