@@ -13,7 +13,7 @@
 # To build without a package index, put wheels in ./wheelhouse first (`pip wheel -w wheelhouse .`
 # for the base image's Python): when that folder holds any, only they are installed.
 ARG BASE=python:3.12-slim
-ARG BUILDKIT=moby/buildkit:v0.26.2
+ARG BUILDKIT=moby/buildkit:v0.32.2
 
 FROM ${BUILDKIT} AS buildkit
 
@@ -28,6 +28,13 @@ RUN set -e; \
         /opt/buildkit-cache/bin/pip install --no-cache-dir /tmp/src; \
     fi; \
     rm -rf /tmp/src
+# A copy of GNU du with the file capability cap_dac_read_search (set as its xattr; the base has no
+# setcap): a sidecar run as a non-root user and given CAP_DAC_READ_SEARCH reads a rootless buildkitd's
+# whole state with it (other users' 0700 directories). Without that capability the kernel will not
+# run it, and the exporter uses plain du (docs/how-it-works.md, "Rootless buildkitd").
+RUN install -d /usr/local/libexec/buildkit-cache \
+ && cp "$(command -v du)" /usr/local/libexec/buildkit-cache/du \
+ && python3 -c 'import os, struct; os.setxattr("/usr/local/libexec/buildkit-cache/du", "security.capability", struct.pack("<5I", 0x02000001, 1 << 2, 0, 0, 0))'
 # The audit and state folders belong to the actuator's user: a fresh named volume mounted there takes its owner.
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin buildkit-cache \
  && install -d -o 10001 -g 10001 -m 0750 /var/log/buildkit-cache-actuator /var/lib/buildkit-cache-actuator

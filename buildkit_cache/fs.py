@@ -6,9 +6,11 @@ import errno
 import functools
 import logging
 import os
+import re
 import shutil
 import stat
 import subprocess
+from dataclasses import replace
 
 from .errors import BuilderError
 from .models import FilesystemUsage, TreeUsage
@@ -17,24 +19,39 @@ from .procs import run_capped_all
 log = logging.getLogger(__name__)
 
 
+# The image's GNU du with the file capability cap_dac_read_search (Dockerfile): a sidecar running as a
+# non-root user, given CAP_DAC_READ_SEARCH, reads a rootless buildkitd's whole state with it. Where
+# the capability is not in the bounding set, the kernel refuses to run it: plain du is used then.
+PRIVILEGED_DU = "/usr/local/libexec/buildkit-cache/du"
+
+
 @functools.cache
 def gnu_du() -> str | None:
-    """The path of GNU du, if this system has it (busybox du has no --inodes)."""
-    path = shutil.which("du")
-    if path is None:
-        return None
-    try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,  # noqa: S603
-                                 check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return path if "GNU coreutils" in version else None
+    """The path of GNU du (busybox du has no --inodes): the image's privileged one where it may
+    run, else the system's, else None."""
+    for path in (PRIVILEGED_DU, shutil.which("du")):
+        if not path or not os.path.exists(path):
+            continue
+        try:
+            version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,  # noqa: S603
+                                     check=False).stdout
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.debug("%s cannot run here: %s", path, exc)
+            continue
+        if "GNU coreutils" in version:
+            return path
+    return None
 
 
 def state_usage(root: str, timeout: float) -> TreeUsage:
     """A state directory's tree usage, with its databases' bytes."""
     tree = tree_usage(root, timeout)
-    return TreeUsage(tree.bytes, tree.files, databases_bytes(root))
+    return replace(tree, databases_bytes=databases_bytes(root))
+
+
+# GNU du's complaint about a directory it may list in its parent but not read (a rootless buildkitd's
+# snapshots hold directories of shifted users with mode 0700, such as apt's `partial`).
+_UNREADABLE = re.compile(r"^du: cannot (?:read directory|access) '(.*)': Permission denied$")
 
 
 def tree_usage(root: str, timeout: float) -> TreeUsage:
@@ -42,24 +59,30 @@ def tree_usage(root: str, timeout: float) -> TreeUsage:
     side so the wall time is one du's (docs/benchmarks.md), or the Python walk without GNU du.
 
     Both stay on root's filesystem and count a hard-linked file once. Files that vanish while du
-    reads (BuildKit deleting a snapshot) are skipped as du skips them; any other complaint of du
-    (a directory it may not read) fails the measurement rather than export too small a figure."""
+    reads (BuildKit deleting a snapshot) are skipped as du skips them. Directories this process may
+    not read are counted and named (`TreeUsage.unreadable`): the rest is measured, and the figure
+    says it is short. Any other complaint of du fails the measurement rather than export a wrong figure."""
     du = gnu_du()
     if du is None:
         return walk_tree(root)
     results = run_capped_all([[du, "-s", "-x", "-B1", "--", root], [du, "-s", "-x", "--inodes", "--", root]],
                              timeout, f"du of {root}", cap=1024 * 1024)
     figures = []
+    unreadable: list[str] = []
     for (code, out, err), what in zip(results, ("bytes", "inodes"), strict=True):
-        problems = [line for line in err.splitlines() if line and not line.endswith("No such file or directory")]
+        denied = [m.group(1) for m in map(_UNREADABLE.match, err.splitlines()) if m]
+        problems = [line for line in err.splitlines() if line and not line.endswith("No such file or directory")
+                    and not _UNREADABLE.match(line)]
         fields = out.split("\t", 1)
         if problems or not fields[0].strip().isdigit():
             raise BuilderError(f"du ({what}) of {root} failed (exit {code}): "
                                f"{(problems or [out.strip() or 'no output'])[0][:300]}")
-        if err:
-            log.debug("du of %s: %d entries vanished while it read", root, len(err.splitlines()))
+        if len(err.splitlines()) > len(denied):
+            log.debug("du of %s: %d entries vanished while it read", root, len(err.splitlines()) - len(denied))
         figures.append(int(fields[0]))
-    return TreeUsage(bytes=figures[0], files=figures[1])
+        unreadable = denied if len(denied) > len(unreadable) else unreadable
+    return TreeUsage(bytes=figures[0], files=figures[1], unreadable=len(unreadable),
+                     unreadable_example=min(unreadable, default=""))
 
 
 def walk_tree(root: str) -> TreeUsage:
@@ -87,12 +110,16 @@ def _walk(root: str) -> TreeUsage:
     seen_links: set[int] = set()
     total_bytes = top.st_blocks * 512
     files = 1
+    unreadable: list[str] = []
     stack = [root] if stat.S_ISDIR(top.st_mode) else []
     while stack:
         path = stack.pop()
         try:
             entries = os.scandir(path)
         except (FileNotFoundError, NotADirectoryError):
+            continue
+        except PermissionError:
+            unreadable.append(path)
             continue
         with entries:
             for entry in entries:
@@ -110,7 +137,8 @@ def _walk(root: str) -> TreeUsage:
                 files += 1
                 if stat.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-    return TreeUsage(bytes=total_bytes, files=files)
+    return TreeUsage(bytes=total_bytes, files=files, unreadable=len(unreadable),
+                     unreadable_example=min(unreadable, default=""))
 
 
 def statvfs_usage(path: str) -> FilesystemUsage:

@@ -83,11 +83,17 @@ class WorkerInfo:
 @dataclass(frozen=True)
 class TreeUsage:
     """On-disk size of a directory tree, counted like `du` (allocated blocks, hard links once), and of
-    BuildKit's own metadata databases in it (None where they could not be seen)."""
+    BuildKit's own metadata databases in it (None where they could not be seen).
+
+    `unreadable` directories could not be read by this process (a rootless buildkitd's snapshots hold
+    directories of other users with mode 0700): each counts itself, not what it holds. `unreadable_example`
+    names one of them."""
 
     bytes: int
     files: int
     databases_bytes: int | None = None
+    unreadable: int = 0
+    unreadable_example: str = ""
 
 
 @dataclass(frozen=True)

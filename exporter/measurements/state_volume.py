@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from buildkit_cache.config import Config
@@ -13,12 +14,30 @@ if TYPE_CHECKING:  # the Docker SDK is imported once the config said whether ssh
     from buildkit_cache.builders import Builder
 
 
+log = logging.getLogger("exporter")
+
+
 class StateVolume(Measurement[TreeUsage]):
     name = STATE_VOLUME
     interval = 300.0
 
+    def __init__(self) -> None:
+        self._short: set[tuple[str, str]] = set()  # builders whose walk was said to leave directories out
+
     def run(self, builder: Builder, cfg: Config) -> TreeUsage:
-        return builder.state_usage(cfg.exporter.timeout)
+        usage = builder.state_usage(cfg.exporter.timeout)
+        key = builder.ref.key
+        if usage.unreadable and key not in self._short:
+            self._short.add(key)
+            log.warning("builder %s: %d directories of its state volume may not be read by this process (such as %s, "
+                        "of another user with mode 0700, as a rootless buildkitd's snapshots hold): their contents "
+                        "are left out of its size (buildkit_cache_state_volume_unreadable_directories). To measure "
+                        "them, give the exporter CAP_DAC_READ_SEARCH (docs/how-it-works.md, \"Rootless buildkitd\")",
+                        builder.ref, usage.unreadable, usage.unreadable_example)
+        elif not usage.unreadable and key in self._short:
+            self._short.discard(key)
+            log.info("builder %s: its whole state volume is read again", builder.ref)
+        return usage
 
     def families(self) -> Families:
         return {
@@ -28,6 +47,10 @@ class StateVolume(Measurement[TreeUsage]):
             "databases": gauge("state_databases_bytes",
                                "Bytes of BuildKit's own metadata databases (bolt *.db) in the state volume: part of "
                                "its size that buildctl du and the records leave out."),
+            "unreadable": gauge("state_volume_unreadable_directories",
+                                "Directories of the state volume this exporter may not read (a rootless buildkitd's "
+                                "snapshots hold other users' 0700 directories): their contents are not in the size "
+                                "and file count. 0 when the walk saw everything."),
         }
 
     def render(self, families: Families, labels: list[str], value: TreeUsage, as_of: float, cfg: Config) -> None:
@@ -35,6 +58,7 @@ class StateVolume(Measurement[TreeUsage]):
         families["files"].add_metric(labels, value.files)
         if value.databases_bytes is not None:
             families["databases"].add_metric(labels, value.databases_bytes)
+        families["unreadable"].add_metric(labels, value.unreadable)
 
 
 MEASUREMENT = StateVolume()

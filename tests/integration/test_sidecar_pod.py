@@ -1,17 +1,30 @@
-"""The exporter as the sidecar of a buildkitd pod, run as the pod would run it: the shipped image
-(built from the Dockerfile), in the buildkitd container's network namespace (`--network container:`),
-sharing its socket volume and its state volume (read-only), as uid 1000 with a read-only root, with
-the config deploy/kubernetes gives it, unchanged. buildkitd cannot run here: its container is the
-builder stand-in, and the image's buildctl (from the BUILDKIT build argument) answers with the
-outputs recorded from a real one (tests/fixtures/buildctl, mounted where the stand-in reads them).
-Its figures are that buildkitd's records, the state volume's walk and its filesystem's statvfs; the
-actuator beside them (deploy/kubernetes/components/actuator) prunes through the same socket."""
+"""The exporter as the sidecar of a rootless buildkitd pod, run as the pod would run it.
+
+buildkitd is BuildKit v0.32.2, rootless (Debian's rootlesskit, uid 1000, subordinate ids 100000+,
+`--oci-worker-no-process-sandbox`), as moby/buildkit's examples/kubernetes run it, with real builds
+whose steps leave directories of another user in the image with mode 0700 (as apt's `partial`
+directories are): on disk they belong to a shifted uid that the sidecar's uid 1000 may not read.
+Nothing is chowned. The exporter is the shipped image (built from the Dockerfile), in buildkitd's
+network namespace (`--network container:`), sharing its socket volume and its state volume
+(read-only), with the config deploy/kubernetes gives it. Run twice:
+
+- as the manifests run it, Pod Security "restricted" (uid 1000, every capability dropped,
+  no-new-privileges, a read-only root): every measurement succeeds; the walk says how many
+  directories it could not read, and measures the rest;
+- with CAP_DAC_READ_SEARCH (deploy/kubernetes/components/complete-walk): the walk is whole.
+
+Then the actuator of deploy/kubernetes/components/actuator, in the same pod, prunes through the
+socket to a budget, and BuildKit's own `buildctl du` says the cache is at it.
+
+What this machine needs beyond a Kubernetes node: `--cap-add SYS_ADMIN` on the buildkitd container,
+because this kernel refuses newuidmap's uid map without it (stock kernels do not).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import stat
 import subprocess
 
 import pytest
@@ -21,27 +34,36 @@ from lab.engines import PrivateDockerd
 from lab.procs import ROOT, samples, wait_for
 from tests.conftest import ENGINES
 from tests.integration.test_actuator_docker import notification
-from tests.integration.test_exporter_docker import walk
-from tests.support import builder_container
+from tests.support import buildkit
 from tests.support.image import BASE_TREE, build_shipped_image, import_tree
 
-SID = [e for e in ENGINES if e.release == "sid" and not e.containerd_store]
+D29 = [e for e in ENGINES if e.release == "docker29" and e.containerd_store]
 pytestmark = [pytest.mark.integration,
-              pytest.mark.parametrize("engine", SID, ids=[e.id for e in SID], indirect=True)]
+              pytest.mark.parametrize("engine", D29, ids=[e.id for e in D29], indirect=True)]
 TAG = "bkce-sidecar:test"
+# The steps of a build as an image's apt would leave them: directories of user 42 (_apt), mode 0700.
+DOCKERFILE = """FROM scratch
+COPY busybox /bin/busybox
+COPY data.bin /data.bin
+RUN ["/bin/busybox", "sh", "-c", "/bin/busybox mkdir -p /var/cache/apt/archives/partial /var/lib/apt/lists/partial && \
+/bin/busybox dd if=/dev/urandom of=/var/cache/apt/archives/partial/pkg.deb bs=1024 count=768 2>/dev/null && \
+/bin/busybox chown -R 42:0 /var/cache/apt/archives/partial /var/lib/apt/lists/partial && \
+/bin/busybox chmod 0700 /var/cache/apt/archives/partial /var/lib/apt/lists/partial"]
+RUN ["/bin/busybox", "sh", "-c", "/bin/busybox dd if=/dev/urandom of=/layer bs=1024 count={kib} 2>/dev/null"]
+"""
 
 
-def shipped_config() -> str:
+def shipped_config(overlay: str = "with-actuator") -> str:
     """The config deploy/kubernetes gives the pod (with the actuator component: the same ConfigMap)."""
-    done = subprocess.run([str(ROOT / ".venv" / "bin" / "kubectl") if (ROOT / ".venv" / "bin" / "kubectl").exists()
-                           else "kubectl", "kustomize", str(ROOT / "deploy" / "kubernetes" / "with-actuator")],
-                          capture_output=True, text=True, check=True)
+    kubectl = ROOT / ".venv" / "bin" / "kubectl"
+    done = subprocess.run([str(kubectl) if kubectl.exists() else "kubectl", "kustomize",
+                           str(ROOT / "deploy" / "kubernetes" / overlay)], capture_output=True, text=True, check=True)
     (cm,) = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "ConfigMap"]
-    return cm["data"]["config.yml"]
+    return str(cm["data"]["config.yml"])
 
 
-def metrics(dockerd: PrivateDockerd) -> dict:
-    done = dockerd.cli("exec", "exporter", "python3", "-c",
+def metrics(dockerd: PrivateDockerd, container: str) -> dict:
+    done = dockerd.cli("exec", container, "python3", "-c",
                        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9862/metrics').read().decode())",
                        check=False)
     return samples(done.stdout.decode()) if done.returncode == 0 else {}
@@ -54,63 +76,136 @@ def get(found: dict, name: str, **labels: str) -> float | None:
     return None
 
 
-def test_the_exporter_as_buildkitds_sidecar_reports_its_records_state_and_disk(dockerd, wheelhouse, tmp_path):
-    wheels = wheelhouse
+def walk_as(root: str, uid: int | None) -> tuple[int, int, int]:
+    """An independent `du -sx`: allocated bytes and entries, hard links once, and the directories a
+    process of `uid` (no capabilities) may not read, whose contents it cannot count (None: root)."""
+    dev = os.lstat(root).st_dev
+    seen, total, count, unreadable = set(), 0, 0, 0
+
+    def readable(st: os.stat_result) -> bool:
+        if uid is None:
+            return True
+        bits = stat.S_IRUSR | stat.S_IXUSR if st.st_uid == uid else stat.S_IROTH | stat.S_IXOTH
+        if st.st_uid != uid and st.st_gid == uid:
+            bits = stat.S_IRGRP | stat.S_IXGRP
+        return st.st_mode & bits == bits
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        st = os.lstat(dirpath)
+        if st.st_dev != dev:
+            dirnames[:] = []
+            continue
+        total += st.st_blocks * 512
+        count += 1
+        if not readable(st):
+            unreadable += 1
+            dirnames[:] = []
+            continue
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            fst = os.lstat(os.path.join(dirpath, name))
+            if fst.st_ino in seen:
+                continue
+            if fst.st_nlink > 1:
+                seen.add(fst.st_ino)
+            total += fst.st_blocks * 512
+            count += 1
+    return total, count, unreadable
+
+
+def test_the_exporter_as_a_rootless_buildkitds_sidecar_reports_its_records_state_and_disk(dockerd, wheelhouse,
+                                                                                          tmp_path):
     base = import_tree(dockerd, BASE_TREE, "bkce-sidecar-base:test", tmp_path)
-    done = build_shipped_image(dockerd, tmp_path, TAG, base, wheels)
+    done = build_shipped_image(dockerd, tmp_path, TAG, base, wheelhouse)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+    image = buildkit.build_rootless_image(dockerd, tmp_path)
     cfg = yaml.safe_load(shipped_config())
     (name, builder), = cfg["builders"].items()
     state_dir, sock_dir = builder["state_dir"], os.path.dirname(builder["address"].removeprefix("unix://"))
-    (tmp_path / "config.yml").write_text(shipped_config())
-    fixtures = tmp_path / "fixtures"  # where the engine sees it (it sees /tmp only)
-    shutil.copytree(builder_container.FIXTURES, fixtures)
+    assert (state_dir, builder["address"]) == (buildkit.ROOTLESS_STATE, f"unix://{buildkit.ROOTLESS_SOCKET}")
+    containers = ["buildkitd"]
     try:
-        dockerd.cli("run", "-d", "--name", "buildkitd", "--network", "none", "-v", f"bk-state:{state_dir}",
-                    "-v", f"bk-socket:{sock_dir}", builder_container.IMAGE, "/bin/sleep", "2147483647")
-        # What buildkitd keeps there: its bolt databases and snapshots.
-        dockerd.cli("exec", "buildkitd", "sh", "-c",
-                    f"mkdir -p {state_dir}/runc-overlayfs/snapshots/1/fs && cd {state_dir} && "
-                    "for f in cache.db history.db runc-overlayfs/metadata_v2.db runc-overlayfs/containerdmeta.db; do "
-                    "dd if=/dev/zero of=$f bs=1024 count=32 2>/dev/null; done && "
-                    "i=0; while [ $i -lt 30 ]; do dd if=/dev/zero of=runc-overlayfs/snapshots/1/fs/f$i bs=1024 count=64 "
-                    "2>/dev/null; i=$((i+1)); done && chown -R 1000:1000 .")
-        dockerd.cli("run", "-d", "--name", "exporter", "--network", "container:buildkitd", "--user", "1000:1000",
-                    "--read-only", "--tmpfs", "/tmp", "-v", f"bk-state:{state_dir}:ro", "-v", f"bk-socket:{sock_dir}",
-                    "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
-                    "-v", f"{fixtures}:/fixtures:ro", TAG, "--config", "/etc/buildkit-cache/config.yml")
-        wait_for("the sidecar's figures", lambda: get(metrics(dockerd), "buildkit_cache_measurement_success",
-                                                      builder=name, measurement="state_volume") == 1, timeout=90)
-        found = metrics(dockerd)
-        for m in ("records", "gc_policy", "filesystem", "state_volume"):
-            assert get(found, "buildkit_cache_measurement_success", builder=name, measurement=m) == 1, m
-        # Records: what that buildkitd reports (`buildctl du`).
-        du = json.loads((builder_container.FIXTURES / "du.json").read_text())
-        def total(metric: str) -> float:
-            return sum(v for (n, ls), v in found.items() if n == metric and dict(ls)["builder"] == name)
-
-        assert total("buildkit_cache_records") == len(du)
-        assert total("buildkit_cache_size_bytes") == sum(r["size"] for r in du)
-        # The state directory: the volume walked independently; its filesystem's statvfs.
+        dockerd.cli("run", "-d", "--name", "buildkitd", "--security-opt", "seccomp=unconfined",
+                    "--security-opt", "apparmor=unconfined", "--cap-add", "SYS_ADMIN", "--network", "none",
+                    "-v", f"bk-state:{state_dir}", "-v", f"bk-socket:{sock_dir}", image,
+                    "--addr", builder["address"], "--oci-worker-no-process-sandbox")
+        wait_for("the rootless buildkitd", lambda: dockerd.cli("exec", "buildkitd", "buildctl", "debug", "workers",
+                                                               check=False).returncode == 0, timeout=60)
+        # Real builds in it: two images' worth of layers, each with apt-like 0700 directories of user 42.
+        for i, kib in enumerate((1024, 2048)):
+            ctx = tmp_path / f"ctx{i}"
+            ctx.mkdir()
+            (ctx / "busybox").write_bytes(open(buildkit.lab_busybox(), "rb").read())
+            (ctx / "data.bin").write_bytes(os.urandom(1024 * 1024 * (i + 1)))
+            (ctx / "Dockerfile").write_text(DOCKERFILE.replace("{kib}", str(kib)))
+            inside = f"/home/user/.local/tmp/ctx{i}"
+            dockerd.cli("cp", str(ctx), f"buildkitd:{inside}")
+            dockerd.cli("exec", "buildkitd", "buildctl", "build", "--frontend", "dockerfile.v0",
+                        "--local", f"context={inside}", "--local", f"dockerfile={inside}")
         mountpoint = json.loads(dockerd.cli("volume", "inspect", "bk-state").stdout)[0]["Mountpoint"]
-        size, files = walk(mountpoint)
-        assert get(found, "buildkit_cache_state_volume_size_bytes", builder=name) == size
-        assert get(found, "buildkit_cache_state_volume_files", builder=name) == files
-        assert get(found, "buildkit_cache_state_databases_bytes", builder=name) == 4 * 32 * 1024
-        st = os.statvfs(mountpoint)
-        assert get(found, "buildkit_cache_filesystem_size_bytes", builder=name) == st.f_blocks * st.f_frsize
-        assert get(found, "buildkit_cache_budget_bytes", builder=name) == 40e9
+        size, files, unreadable = walk_as(mountpoint, 1000)
+        assert unreadable >= 4, "the builds left directories of a shifted user that uid 1000 may not read"
 
-        # The actuator of deploy/kubernetes/components/actuator, in the same pod, prunes through the socket.
+        (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))
+
+        def sidecar(cname: str, *security: str) -> dict:
+            containers.append(cname)
+            dockerd.cli("run", "-d", "--name", cname, "--network", "container:buildkitd", "--user", "1000:1000",
+                        "--read-only", "--tmpfs", "/tmp", *security, "-v", f"bk-state:{state_dir}:ro",
+                        "-v", f"bk-socket:{sock_dir}", "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
+                        TAG, "--config", "/etc/buildkit-cache/config.yml")
+            wait_for("the sidecar's figures", lambda: get(metrics(dockerd, cname), "buildkit_cache_measurement_success",
+                                                          builder=name, measurement="state_volume") is not None,
+                     timeout=90)
+            found = metrics(dockerd, cname)
+            dockerd.cli("stop", cname)
+            return found
+
+        du = json.loads(dockerd.cli("exec", "buildkitd", "buildctl", "du", "--format", "json").stdout)
+        restricted = sidecar("exporter", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
+        log = dockerd.cli("logs", "exporter").stderr.decode()
+        for found in (restricted,):
+            for m in ("records", "gc_policy", "filesystem", "state_volume"):
+                assert get(found, "buildkit_cache_measurement_success", builder=name, measurement=m) == 1, m
+
+            def total(metric: str, found: dict = found) -> float:
+                return sum(v for (n, ls), v in found.items() if n == metric and dict(ls)["builder"] == name)
+
+            # Records: what that buildkitd reports (`buildctl du`).
+            assert total("buildkit_cache_records") == len(du) > 0
+            assert total("buildkit_cache_size_bytes") == sum(r["size"] for r in du)
+        # Restricted: what uid 1000 may read, and how many directories it may not.
+        assert get(restricted, "buildkit_cache_state_volume_unreadable_directories", builder=name) == unreadable
+        assert get(restricted, "buildkit_cache_state_volume_size_bytes", builder=name) == size
+        assert get(restricted, "buildkit_cache_state_volume_files", builder=name) == files
+        assert "may not be read by this process" in log and "CAP_DAC_READ_SEARCH" in log
+        st = os.statvfs(mountpoint)
+        assert get(restricted, "buildkit_cache_filesystem_size_bytes", builder=name) == st.f_blocks * st.f_frsize
+        assert get(restricted, "buildkit_cache_budget_bytes", builder=name) == 40e9
+        assert get(restricted, "buildkit_cache_state_databases_bytes", builder=name) > 0
+
+        # With CAP_DAC_READ_SEARCH (and no no-new-privileges, so the image's du may take it): whole.
+        whole = sidecar("exporter-dac", "--cap-drop", "ALL", "--cap-add", "DAC_READ_SEARCH")
+        full_size, full_files, _ = walk_as(mountpoint, None)
+        assert get(whole, "buildkit_cache_state_volume_unreadable_directories", builder=name) == 0
+        assert get(whole, "buildkit_cache_state_volume_size_bytes", builder=name) == full_size > size
+        assert get(whole, "buildkit_cache_state_volume_files", builder=name) == full_files > files
+
+        # The actuator of deploy/kubernetes/components/actuator, in the same pod, prunes through the
+        # socket, to a budget of half the cache (the budget the test sets).
+        budget = sum(r["size"] for r in du if not r["shared"]) // 2 // 1_000_000 * 1_000_000
+        cfg["builders"][name]["budget"] = budget
+        (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))
         token = tmp_path / "token"
         token.mkdir()
         (token / "actuator-token").write_text("sidecar-token\n")
         (token / "actuator-token").chmod(0o644)
+        containers.append("actuator")
         dockerd.cli("run", "-d", "--name", "actuator", "--network", "container:buildkitd", "--user", "1000:1000",
-                    "--read-only", "--tmpfs", "/tmp", "--tmpfs", "/var/log/buildkit-cache-actuator:uid=1000",
+                    "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/tmp",
+                    "--tmpfs", "/var/log/buildkit-cache-actuator:uid=1000",
                     "--tmpfs", "/var/lib/buildkit-cache-actuator:uid=1000", "-v", f"bk-socket:{sock_dir}",
                     "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
-                    "-v", f"{token}:/etc/buildkit-cache-token:ro", "-v", f"{fixtures}:/fixtures:ro",
+                    "-v", f"{token}:/etc/buildkit-cache-token:ro",
                     "--entrypoint", "buildkit-cache-actuator", TAG, "--config", "/etc/buildkit-cache/config.yml")
         body = json.dumps(notification("prune-to-budget", name, host="remote"))
         post = ("import sys, urllib.request; r = urllib.request.Request('http://127.0.0.1:9863/alerts', "
@@ -128,10 +223,13 @@ def test_the_exporter_as_buildkitds_sidecar_reports_its_records_state_and_disk(d
 
         (entry,) = wait_for("the prune", pruned, timeout=60)
         assert entry["builder"] == name and entry["records"] > 0
+        after = json.loads(dockerd.cli("exec", "buildkitd", "buildctl", "du", "--format", "json").stdout) or []
+        assert sum(r["size"] for r in after if not r["shared"]) <= budget
     except BaseException:
-        print(dockerd.cli("logs", "exporter", check=False).stderr.decode()[-3000:])
+        for c in containers[1:]:
+            print(c, dockerd.cli("logs", c, check=False).stderr.decode()[-3000:])
         raise
     finally:
-        dockerd.cli("rm", "-f", "actuator", "exporter", "buildkitd", check=False)
+        dockerd.cli("rm", "-f", *containers, check=False)
         dockerd.cli("volume", "rm", "bk-state", "bk-socket", check=False)
         dockerd.cli("rmi", TAG, "bkce-sidecar-base:test", check=False)
