@@ -23,17 +23,19 @@ def rec(id, size, age_h=1.0, uses=1, rtype="regular", in_use=False, shared=False
 
 
 def test_keep_storage_estimate_matches_the_recorded_real_prune():
+    """A recording of a BuildKit master of 2026-11 (tests/fixtures/buildctl). There its prune held
+    back the parent of a deleted mutable record, which BuildKit v0.32.2 does not (it frees it in the
+    same prune, as its code says): tests/integration/test_prune_plan.py plays 24 real prunes of
+    v0.32.2. The first choices and the bytes agree."""
     records = parse.parse_buildctl_du_json((F / "buildctl/du.json").read_text())
     real_ids, real_total = parse.parse_buildctl_prune_table((F / "buildctl/prune-keep-storage-30MB.txt").read_text())
     plan = plan_prune(records, PruneRequest(keep_storage=30_000_000), NOW)
-    # BuildKit's own order for the first six deletions...
-    assert [r.id for r in plan][:6] == real_ids[:6]
+    assert [r.id for r in plan][:2] == real_ids[:2]
     # ...and the bytes within 10% of what buildkitd reported (16.84MB).
-    estimate = sum(r.size for r in plan)
-    assert abs(estimate - real_total) / real_total < 0.10
+    assert abs(plan.bytes - real_total) / real_total < 0.10
     # It stops as soon as the non-shared total is under the target.
     total = sum(r.size for r in records)
-    assert total - estimate < 30_000_000 <= total - estimate + plan[-1].size
+    assert total - plan.bytes < 30_000_000 <= total - plan.bytes + plan.records[-1].size
 
 
 def test_least_recently_and_least_often_used_go_first():
@@ -56,7 +58,7 @@ def test_shared_records_do_not_count_toward_the_keep_target():
     records = [rec("img", 1000, shared=True), rec("a", 100, age_h=5), rec("b", 100, age_h=4)]
     # Non-shared total is 200: a target of 150 takes one record, though the grand total is 1200.
     assert [r.id for r in plan_prune(records, PruneRequest(keep_storage=150), NOW)] == ["a"]
-    assert plan_prune(records, PruneRequest(keep_storage=201), NOW) == []
+    assert plan_prune(records, PruneRequest(keep_storage=201), NOW).records == ()
 
 
 def test_children_go_before_parents_and_free_them():
@@ -66,10 +68,10 @@ def test_children_go_before_parents_and_free_them():
     assert [r.id for r in plan] == ["child", "parent"]
 
 
-def test_a_deleted_mutable_record_frees_its_parent_only_in_a_later_prune():
+def test_a_deleted_mutable_record_frees_its_parent_in_the_same_prune():
     parent = rec("parent", 100, age_h=10, mutable=False)
     child = rec("child", 100, age_h=1, parents=["parent"], mutable=True)
-    assert [r.id for r in plan_prune([parent, child], PruneRequest(keep_storage=1), NOW)] == ["child"]
+    assert [r.id for r in plan_prune([parent, child], PruneRequest(keep_storage=1), NOW)] == ["child", "parent"]
 
 
 def test_keep_duration_keeps_recently_used_records():
