@@ -5,19 +5,24 @@ Arguments are always argv lists built here from typed values; nothing passes thr
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from . import decode, parse
 from .config import BuildkitdTLS
 from .docker_api import DockerHost
-from .errors import CommandFailed, Unavailable
+from .errors import BuilderError, CommandFailed, Unavailable
 from .models import CacheRecord, PruneRequest, PruneResult, WorkerInfo
 from .procs import run_capped
 from .prune_api import buildctl_prune_args, prune_result_from_records
 from .usage import RecordLike
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Runner(Protocol):
@@ -93,19 +98,83 @@ def _unknown_flag(exc: CommandFailed) -> bool:
     return "flag provided but not defined" in text or "unknown flag" in text or "incorrect usage" in text
 
 
+# BuildKit's record ids: 25 characters of [0-9a-z] (identity.NewID).
+ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _too_big(exc: CommandFailed) -> bool:
+    """BuildKit refused an answer past its gRPC message limit (16 MiB, about 140,000 records:
+    moby/buildkit#3381), on the server's side or on buildctl's."""
+    return "ResourceExhausted" in exc.stderr or "message larger than max" in exc.stderr
+
+
+@dataclass(frozen=True)
+class IdRange:
+    """The records whose id starts with `prefix` and then one of `chars`; no chars: every id not
+    starting with a character of the alphabet (none of BuildKit's, but nothing is left out)."""
+
+    prefix: str = ""
+    chars: str = ID_ALPHABET
+
+    def filter(self) -> str:
+        """A DiskUsage filter (containerd's syntax; each --filter of buildctl du is OR'ed)."""
+        return f"id~=^{self.prefix}[{self.chars}]" if self.chars else f"id~=^{self.prefix}[^{ID_ALPHABET}]"
+
+    def split(self) -> list[IdRange]:
+        if not self.chars:
+            raise BuilderError(f"records whose ids are outside [0-9a-z] exceed BuildKit's message limit ({self})")
+        if len(self.chars) > 1:
+            half = len(self.chars) // 2
+            return [IdRange(self.prefix, self.chars[:half]), IdRange(self.prefix, self.chars[half:])]
+        return [IdRange(self.prefix + self.chars)]
+
+    def __str__(self) -> str:
+        return self.filter()
+
+
+WHOLE: tuple[IdRange, ...] = ()  # no filter: the answer whole
+
+
 class BuildctlClient:
-    """The few buildctl commands the project uses, with fallbacks for releases without `--format`."""
+    """The few buildctl commands the project uses, with fallbacks for releases without `--format`.
+
+    `buildctl du` fails past BuildKit's gRPC message limit (ResourceExhausted, ~140,000 records): the
+    records are then asked for in parts by id (DiskUsage's `id~=` filter, computed over the whole
+    cache, so every figure is the whole's), split in two until each part fits, and the split is
+    remembered for this builder: `parts`."""
 
     def __init__(self, run: Runner):
         self.run = run
         self._json_du = True
         self._json_workers = True
         self._json_prune = True
+        self.parts: tuple[IdRange, ...] = WHOLE
+
+    def _in_parts(self, decode_part: Callable[[str], list[T]]) -> Iterator[T]:
+        """Every record, part by part (each decoded when the one before is used up)."""
+        pending: list[tuple[IdRange, ...]] = [self.parts] if not self.parts else [(p,) for p in self.parts]
+        done: list[IdRange] = []
+        while pending:
+            part = pending.pop(0)
+            filters = [a for p in part for a in ("--filter", p.filter())]
+            try:
+                text = self.run(["du", *filters, "--format", "json"])
+            except CommandFailed as exc:
+                if not _too_big(exc):
+                    raise
+                smaller = [IdRange(), IdRange(chars="")] if not part else part[0].split()
+                log.info("buildctl du%s: past BuildKit's gRPC message limit; asking in %d parts",
+                         f" {part[0]}" if part else "", len(smaller))
+                pending[:0] = [(p,) for p in smaller]
+                continue
+            done.extend(part)
+            yield from decode_part(text)
+        self.parts = tuple(done)
 
     def du(self) -> list[CacheRecord]:
         if self._json_du:
             try:
-                return parse.parse_buildctl_du_json(self.run(["du", "--format", "json"]))
+                return list(self._in_parts(parse.parse_buildctl_du_json))
             except CommandFailed as exc:
                 if not _unknown_flag(exc):
                     raise
@@ -116,7 +185,7 @@ class BuildctlClient:
         """What `du` says, as rows for usage.summarize: decoded without a CacheRecord each."""
         if self._json_du:
             try:
-                return decode.buildctl_rows(self.run(["du", "--format", "json"]).encode())
+                return list(self._in_parts(lambda text: decode.buildctl_rows(text.encode())))
             except CommandFailed as exc:
                 if not _unknown_flag(exc):
                     raise

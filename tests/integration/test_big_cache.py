@@ -1,0 +1,97 @@
+"""A cache past BuildKit's gRPC message limit, measured whole and pruned.
+
+The builder is a real buildx builder whose BuildKit v0.32.2 was built with its gRPC message limit
+lowered from 16 MiB to 128 KiB (scripts/build-buildkit-small): its `buildctl du` is refused past
+about 1,200 records as the stock one is past about 140,000 (moby/buildkit#3381). Its records are
+made by bench/recordgen (BuildKit's own client API, in the builder container): layered chains of
+FileOps, each one record."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from buildkit_cache.config import parse_config
+from buildkit_cache.exporter.collect import collect_once
+from buildkit_cache.exporter.metrics import registry_for
+from buildkit_cache.inventory import Inventory
+from lab.procs import wait_for
+from tests.integration.test_actuator_docker import Actuator, notification, unshared
+from tests.support import buildkit
+
+pytestmark = pytest.mark.integration
+RECORDS = 2500
+
+
+@pytest.fixture
+def big(make_builder):
+    b = make_builder("big", small=True)
+    b.dockerd.cli("cp", str(buildkit.SMALL_BIN / "bkce-recordgen"), f"{b.container}:/usr/bin/bkce-recordgen")
+    b.dockerd.cli("exec", b.container, "bkce-recordgen", "--records", str(RECORDS), "--chain", "5", "--bytes", "2048",
+                  timeout=600)
+    return b
+
+
+def du_in_parts(b: buildkit.Builder) -> list[dict]:
+    """BuildKit's own records, asked for one first character of their ids at a time."""
+    out: list[dict] = []
+    for c in buildkit_id_chars():
+        done = b.buildctl("du", "--filter", f"id~=^{c}", "--format", "json")
+        out += json.loads(done.stdout or b"null") or []
+    return out
+
+
+def buildkit_id_chars() -> str:
+    return "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+async def test_records_past_the_grpc_limit_are_measured_whole_in_parts(dockerd, big, caplog):
+    refused = big.buildctl("du", "--format", "json", check=False)
+    assert refused.returncode != 0 and b"ResourceExhausted" in refused.stderr, refused
+    truth = du_in_parts(big)
+    assert len(truth) >= RECORDS
+    cfg = parse_config({"docker_hosts": [{"url": dockerd.url, "name": "test"}]})
+    source = Inventory(cfg)
+    store = await collect_once(cfg, source)
+    reg = registry_for(store, cfg)
+    L = {"host": "test", "builder": "big"}
+    assert reg.get_sample_value("buildkit_cache_measurement_success", {**L, "measurement": "records"}) == 1
+    count = sum(s.value for f in reg.collect() if f.name == "buildkit_cache_records" for s in f.samples
+                if s.labels["builder"] == "big")
+    size = sum(s.value for f in reg.collect() if f.name == "buildkit_cache_size_bytes" for s in f.samples
+               if s.labels["builder"] == "big")
+    assert (count, size) == (len(truth), sum(r["size"] for r in truth))
+    assert "past BuildKit's gRPC message limit" in caplog.text
+    # The split is remembered for the builder: the next measurement asks in parts at once.
+    builder = store.builders[("test", "big")].builder
+    assert len(builder.buildctl.parts) >= 2
+    since = time.time()
+    assert len(builder.records()) == len(truth)
+    asked = buildkit.exec_starts(dockerd, since, container=big.container)
+    assert asked and all("--filter" in c for c in asked), asked
+
+
+def test_a_prune_to_budget_past_the_limit_reads_the_records_in_parts_and_reaches_the_budget(dockerd, big, tmp_path):
+    before = du_in_parts(big)
+    budget = unshared(before) // 2 // 1_000_000 * 1_000_000
+    dry = Actuator(dockerd, tmp_path, 1, dry_run=True, builders=f"  big: {{budget: {budget}}}")
+    try:
+        assert dry.post(notification("prune-to-budget", "big")) == 200
+        wait_for("the dry run", lambda: dry.events("dry_run"), timeout=120)
+    finally:
+        dry.stop()
+    plan = dry.events("dry_run")[0]
+    act = Actuator(dockerd, tmp_path, 1, builders=f"  big: {{budget: {budget}}}")
+    try:
+        assert act.post(notification("prune-to-budget", "big")) == 200
+        wait_for("the prune", lambda: act.events("pruned") or act.events("failed"), timeout=300)
+    finally:
+        act.stop()
+    (pruned,) = act.events("pruned")
+    after = du_in_parts(big)
+    assert unshared(after) <= budget
+    freed = unshared(before) - unshared(after)
+    assert pruned["cache_freed_bytes"] == freed
+    assert abs(plan["bytes"] - freed) <= 0.10 * freed, (plan, freed)
