@@ -16,12 +16,13 @@ from typing import Any
 from buildkit_cache.units import format_bytes
 
 from .decide import Decision
-from .executor import DRY_RUN, SUCCESS, Outcome
+from .executor import DRY_RUN, SUCCESS, UNDER_BUDGET, Outcome
 from .metrics import ActuatorMetrics
 
 log = logging.getLogger("actuator.audit")
 
 _MAX_TEXT = 200  # values that came from an alert are cut: the log is not a place for payloads
+MAX_IDS = 100  # record ids in a dry run's or a prune's line; the rest are counted
 MAX_PENDING = 10_000  # audit lines kept in memory while the file cannot be written
 
 
@@ -152,6 +153,12 @@ def _target(d: Decision) -> dict[str, Any]:
     return {k: v for k, v in (("driver", t.driver), ("container", t.container), ("address", t.address)) if v}
 
 
+def _ids(ids: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """The first MAX_IDS record ids, and how many more there were: to compare a dry run with the
+    prune that follows it."""
+    return {"record_ids": list(ids[:MAX_IDS]), "record_ids_more": max(len(ids) - MAX_IDS, 0) or None} if ids else {}
+
+
 REJECTED_PER_SECOND = 5  # audit lines for rejected requests; the rest are only counted
 
 
@@ -207,12 +214,20 @@ class Recorder:
         labels = (d.host, d.builder, d.action_name)
         self.metrics.prunes.labels(*labels, o.result).inc()
         common = self._common(d)
-        if o.result == DRY_RUN:
-            log.warning("DRY-RUN would prune %d records, %s, on %s/%s (%s): %s", o.records,
-                        format_bytes(o.reclaimed_bytes), d.host, d.builder, d.action_name,
-                        ", ".join(r.id[:12] for r in o.planned[:20]) or "nothing")
+        if o.result == DRY_RUN and o.plan is not None:
+            plan = o.plan
+            span = (f" (between {format_bytes(plan.low)} and {format_bytes(plan.high)}: records tie in BuildKit's "
+                    "order)" if plan.low != plan.high else "")
+            log.warning("DRY-RUN would prune %d records, %s%s, on %s/%s (%s): %s", o.records,
+                        format_bytes(o.reclaimed_bytes), span, d.host, d.builder, d.action_name,
+                        ", ".join(r.id[:12] for r in plan.records[:20]) or "nothing")
             self.audit.record("dry_run", **common, request=_request(d), records=o.records, bytes=o.reclaimed_bytes,
-                              cache_bytes=o.cache_bytes_before, record_ids=[r.id for r in o.planned[:100]])
+                              bytes_low=plan.low, bytes_high=plan.high, ties=plan.ties or None,
+                              cache_bytes=o.cache_bytes_before, **_ids([r.id for r in plan.records]))
+            return
+        if o.result == UNDER_BUDGET:
+            self.audit.record("skipped", decision=UNDER_BUDGET, reason=o.reason, **common, request=_request(d),
+                              cache_bytes=o.cache_bytes_before, cooldown="none: nothing was pruned")
             return
         if o.result != SUCCESS:
             if o.passes:
@@ -220,7 +235,7 @@ class Recorder:
             if o.reclaimed_bytes:  # deleted before it failed or ran out of time: freed all the same
                 self.metrics.reclaimed.labels(*labels).inc(o.reclaimed_bytes)
             self.audit.record("failed", **common, result=o.result, reason=o.reason, passes=o.passes or None,
-                              records=o.records, reclaimed_bytes=o.reclaimed_bytes,
+                              records=o.records, **_ids(o.deleted_ids), reclaimed_bytes=o.reclaimed_bytes,
                               cache_bytes_before=o.cache_bytes_before, cache_bytes_after=o.cache_bytes_after,
                               cooldown="kept: it deleted records" if o.ran else "none: retry at once")
             return
@@ -229,7 +244,7 @@ class Recorder:
         if o.disk_freed_bytes is not None:
             self.metrics.disk_freed.labels(*labels).inc(max(o.disk_freed_bytes, 0))
         self.metrics.last_prune.labels(*labels).set(self.clock())
-        self.audit.record("pruned", **common, request=_request(d), records=o.records,
+        self.audit.record("pruned", **common, request=_request(d), records=o.records, **_ids(o.deleted_ids),
                           reclaimed_bytes=o.reclaimed_bytes, passes=o.passes,
                           cache_bytes_before=o.cache_bytes_before, cache_bytes_after=o.cache_bytes_after,
                           cache_freed_bytes=o.cache_freed_bytes, disk_avail_bytes_before=o.disk_avail_before,

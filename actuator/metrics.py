@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .decide import DECISIONS
 from .payload import LIMITS
@@ -55,3 +57,23 @@ class ActuatorMetrics:
 
     def track_in_progress(self, running: Callable[[], int]) -> None:
         self.in_progress.set_function(lambda: float(running()))
+
+    def track_running(self, started: Callable[[], dict[tuple[str, str], float]],
+                      clock: Callable[[], float]) -> None:
+        """`running_prune_seconds`: how long each running prune has run (a prune of a big cache
+        takes minutes; an alert on it says when one runs past what is usual)."""
+        self.registry.register(_RunningPrunes(started, clock))
+
+
+class _RunningPrunes(Collector):
+    def __init__(self, started: Callable[[], dict[tuple[str, str], float]], clock: Callable[[], float]):
+        self.started = started
+        self.clock = clock
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = GaugeMetricFamily(P + "running_prune_seconds", "How long each prune running now has run.",
+                                   labels=["host", "builder"])
+        now = self.clock()
+        for (host, builder), since in sorted(self.started().items()):
+            family.add_metric([host, builder], max(now - since, 0.0))
+        yield family

@@ -122,6 +122,7 @@ class ActuatorService:
         self.directory = Directory(inventory)
         self.executor = PruneExecutor(prune_timeout=cfg.actuator.prune_timeout, settle_delay=cfg.actuator.settle_delay)
         recorder.metrics.track_in_progress(lambda: self.executor.running)
+        recorder.metrics.track_running(lambda: dict(self.executor.started), time.time)
         recorder.audit.on_failure = recorder.metrics.audit_write_failures.inc
         recorder.metrics.audit_writable.set_function(lambda: 0.0 if recorder.audit.failure else 1.0)
         self.tasks: set[asyncio.Task[None]] = set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ T = TypeVar("T")
 
 
 class Runner(Protocol):
-    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
+    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
+                 on_stdout: Callable[[bytes], None] | None = None) -> str:
         """Run `buildctl <args>` and return its standard output; raise BuilderError on failure.
-        `retry`: whether the command may run twice (not a prune)."""
+        `retry`: whether the command may run twice (not a prune). `on_stdout` hears the output as
+        it comes."""
 
 
 class ContainerBuildctl:
@@ -45,18 +48,19 @@ class ContainerBuildctl:
         self.container = container
         self.wrap = True
 
-    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
+    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
+                 on_stdout: Callable[[bytes], None] | None = None) -> str:
         if self.wrap:
             limit = math.ceil(timeout or self.host.timeout) + self.GRACE
             result = self.host.exec(self.container, ["timeout", "-s", "KILL", str(limit), "buildctl", *args],
-                                    timeout, retry)
+                                    timeout, retry, on_stdout)
             missing = result.exit_code in (126, 127) and "timeout" in (result.stderr + result.stdout)
             if not missing:
                 if result.exit_code != 0:
                     raise CommandFailed(["buildctl", *args], result.exit_code, result.stderr or result.stdout)
                 return result.stdout
             self.wrap = False
-        return self.host.exec_checked(self.container, ["buildctl", *args], timeout, retry)
+        return self.host.exec_checked(self.container, ["buildctl", *args], timeout, retry, on_stdout)
 
 
 class LocalBuildctl:
@@ -78,13 +82,14 @@ class LocalBuildctl:
                     argv += [flag, value]
         return argv + list(args)
 
-    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True) -> str:
+    def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
+                 on_stdout: Callable[[bytes], None] | None = None) -> str:
         timeout = timeout or self.timeout
         if shutil.which(self.binary) is None:
             raise Unavailable(f"buildctl not found (looked for {self.binary!r} on PATH); "
                               "install it to reach remote builders")
         argv = self.argv(args)
-        code, stdout, stderr = run_capped(argv, timeout, f"buildctl at {self.address}")
+        code, stdout, stderr = run_capped(argv, timeout, f"buildctl at {self.address}", on_stdout=on_stdout)
         if code != 0:
             err = CommandFailed(argv, code, stderr)
             if "connection refused" in stderr or "no such host" in stderr:
@@ -96,6 +101,33 @@ class LocalBuildctl:
 def _unknown_flag(exc: CommandFailed) -> bool:
     text = exc.stderr.lower()
     return "flag provided but not defined" in text or "unknown flag" in text or "incorrect usage" in text
+
+
+Progress = Callable[[int, int], None]
+"""Hears a running prune's records and bytes deleted so far."""
+
+
+class _PruneProgress:
+    """`buildctl prune --format json` prints each record as BuildKit deletes it: counted here."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.partial = b""
+        self.records = 0
+        self.bytes = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        for line in lines:
+            m = _SIZE.search(line)
+            if m:
+                self.records += 1
+                self.bytes += int(m.group(1))
+        if lines:
+            self.progress(self.records, self.bytes)
+
+
+_SIZE = re.compile(rb'"size":\s*(\d+)')
 
 
 # BuildKit's record ids: 25 characters of [0-9a-z] (identity.NewID).
@@ -202,11 +234,12 @@ class BuildctlClient:
                 self._json_workers = False
         return parse.parse_debug_workers_verbose(self.run(["debug", "workers", "--verbose"]))
 
-    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+    def prune(self, req: PruneRequest, timeout: float, progress: Progress | None = None) -> PruneResult:
         args = buildctl_prune_args(req)
         if self._json_prune:
             try:
-                out = self.run([*args, "--format", "json"], timeout, retry=False)
+                out = self.run([*args, "--format", "json"], timeout, retry=False,
+                               on_stdout=_PruneProgress(progress) if progress else None)
                 return prune_result_from_records(parse.parse_buildctl_prune_json(out))
             except CommandFailed as exc:
                 if not _unknown_flag(exc):

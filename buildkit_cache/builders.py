@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import decode, fs, parse
-from .buildctl import BuildctlClient, ContainerBuildctl, LocalBuildctl
+from .buildctl import BuildctlClient, ContainerBuildctl, LocalBuildctl, Progress
 from .docker_api import DockerHost, api_at_least
 from .errors import BuilderError, Unavailable
 from .models import (
@@ -93,8 +93,9 @@ class Builder:
     def filesystem(self) -> FilesystemUsage:
         raise BuilderError(f"{self.ref}: the filesystem under this builder's state is not visible")
 
-    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
-        """Run the prune on the builder itself; blocks until BuildKit answers or `timeout`."""
+    def prune(self, req: PruneRequest, timeout: float, progress: Progress | None = None) -> PruneResult:
+        """Run the prune on the builder itself; blocks until BuildKit answers or `timeout`.
+        `progress` hears the records and bytes deleted so far, where BuildKit says them as it goes."""
         raise BuilderError(f"{self.ref}: this builder cannot be pruned")
 
     def heavy_io(self, measurement: str) -> bool:
@@ -185,7 +186,8 @@ class EngineBuilder(Builder):
                               f"(host_root={self.host.host_root!r}){hint}")
         return fs.statvfs_usage(path)
 
-    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+    def prune(self, req: PruneRequest, timeout: float, progress: Progress | None = None) -> PruneResult:
+        # The engine answers once the prune is done: no progress on the way.
         params = engine_prune_params(req, self.host.api_version)
         return parse_engine_prune_result(self.host.build_prune(params, timeout))
 
@@ -245,8 +247,8 @@ class ContainerBuilder(Builder):
     def gc_policy(self) -> WorkerInfo:
         return self._client().debug_workers()
 
-    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
-        return self._client().prune(req, timeout)
+    def prune(self, req: PruneRequest, timeout: float, progress: Progress | None = None) -> PruneResult:
+        return self._client().prune(req, timeout, progress)
 
     def heavy_io(self, measurement: str) -> bool:
         return measurement == STATE_VOLUME
@@ -315,8 +317,8 @@ class RemoteBuilder(Builder):
     def gc_policy(self) -> WorkerInfo:
         return self.client.debug_workers()
 
-    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
-        return self.client.prune(req, timeout)
+    def prune(self, req: PruneRequest, timeout: float, progress: Progress | None = None) -> PruneResult:
+        return self.client.prune(req, timeout, progress)
 
 
 def builder_name_for_node(node: str) -> str:

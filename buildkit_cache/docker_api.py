@@ -205,11 +205,13 @@ class DockerHost:
         found = self._call("GET /volumes", lambda c: _mapping(c.volumes(filters={"name": name_prefix})))
         return [v for v in (found.get("Volumes") or ()) if v.get("Name", "").startswith(name_prefix)]
 
-    def exec(self, container: str, argv: Sequence[str], timeout: float | None = None, retry: bool = True) -> ExecResult:
+    def exec(self, container: str, argv: Sequence[str], timeout: float | None = None, retry: bool = True,
+             on_stdout: Callable[[bytes], None] | None = None) -> ExecResult:
         """Run `argv` (no shell) in a running container and collect its output and exit code.
 
         `timeout` bounds each wait for output (default: the host's timeout); a prune that works
-        for minutes before printing needs a longer one than an API call.
+        for minutes before printing needs a longer one than an API call. `on_stdout` hears the
+        standard output as it comes (a prune's progress).
         """
 
         key = (container, tuple(argv))
@@ -236,9 +238,9 @@ class DockerHost:
                 try:
                     if type(raw) is socket.socket:  # unix:// and plain tcp://: a deadline of our own
                         first = _read_past_headers(sock, raw)
-                        out, err = _read_exec_stream(_socket_reader(raw, first), deadline, limit, what)
+                        out, err = _read_exec_stream(_socket_reader(raw, first), deadline, limit, what, on_stdout)
                     elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
-                        out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what)
+                        out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what, on_stdout)
                     else:  # TLS sockets: the SDK's reader, with its per-read timeout
                         for s in (sock, raw):
                             if hasattr(s, "settimeout"):
@@ -261,8 +263,8 @@ class DockerHost:
         return self._call(f"exec in {container}", call, client_error=Unavailable, retry=retry)
 
     def exec_checked(self, container: str, argv: Sequence[str], timeout: float | None = None,
-                     retry: bool = True) -> str:
-        result = self.exec(container, argv, timeout, retry)
+                     retry: bool = True, on_stdout: Callable[[bytes], None] | None = None) -> str:
+        result = self.exec(container, argv, timeout, retry, on_stdout)
         if result.exit_code != 0:
             raise CommandFailed(list(argv), result.exit_code, result.stderr or result.stdout)
         return result.stdout
@@ -340,7 +342,8 @@ def _close_quietly(sock: Any) -> None:
         log.debug("closing an exec stream: %s", exc)
 
 
-def _read_exec_stream(read: Reader, deadline: float, limit: float, what: str) -> tuple[bytes, bytes]:
+def _read_exec_stream(read: Reader, deadline: float, limit: float, what: str,
+                      on_stdout: Callable[[bytes], None] | None = None) -> tuple[bytes, bytes]:
     """stdout and stderr of an exec, from Docker's multiplexed stream (8-byte frame headers: stream,
     three zeros, big-endian size), until it ends. The SDK's own reader waits without a timeout, so a
     command that never ends held its thread forever: this one stops at `deadline`, and at
@@ -366,6 +369,8 @@ def _read_exec_stream(read: Reader, deadline: float, limit: float, what: str) ->
             if len(buf) < 8 + size:
                 break
             streams.get(buf[0], streams[1]).extend(buf[8:8 + size])
+            if on_stdout is not None and buf[0] == 1:
+                on_stdout(bytes(buf[8:8 + size]))
             del buf[:8 + size]
     return bytes(streams[1]), bytes(streams[2])
 

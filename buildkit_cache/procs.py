@@ -10,6 +10,7 @@ import selectors
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 from .errors import BuilderError, Unavailable
 
@@ -26,15 +27,16 @@ def _die_with_parent() -> None:
         pass  # not Linux: the deadline below still ends it
 
 
-def run_capped(argv: list[str], timeout: float, what: str, cap: int = MAX_OUTPUT) -> tuple[int, str, str]:
+def run_capped(argv: list[str], timeout: float, what: str, cap: int = MAX_OUTPUT,
+               on_stdout: Callable[[bytes], None] | None = None) -> tuple[int, str, str]:
     """Run `argv` to its end, its deadline or `cap` bytes of output, whichever comes first:
     (exit code, stdout, stderr). A command that never ends or never stops printing is killed,
-    never read into memory whole."""
-    return run_capped_all([argv], timeout, what, cap)[0]
+    never read into memory whole. `on_stdout` hears its standard output as it comes."""
+    return run_capped_all([argv], timeout, what, cap, on_stdout)[0]
 
 
 def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
-                   cap: int = MAX_OUTPUT) -> list[tuple[int, str, str]]:
+                   cap: int = MAX_OUTPUT, on_stdout: Callable[[bytes], None] | None = None) -> list[tuple[int, str, str]]:
     """`run_capped` for several commands at once, side by side (one deadline for all of them)."""
     env = {**os.environ, "LC_ALL": "C"}
     procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
@@ -59,6 +61,8 @@ def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
                         continue
                     buf, out, err = key.data
                     buf.extend(chunk)
+                    if on_stdout is not None and buf is out:
+                        on_stdout(chunk)
                     if len(out) + len(err) > cap:
                         raise BuilderError(f"{what} printed more than {cap // (1024 * 1024)} MiB; not read further")
         codes = [proc.wait(max(0.1, deadline - time.monotonic())) for proc in procs]

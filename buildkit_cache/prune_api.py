@@ -51,14 +51,15 @@ def parse_engine_prune_result(data: Mapping[str, Any]) -> PruneResult:
 
 
 def buildctl_prune_args(req: PruneRequest) -> list[str]:
-    """`buildctl prune` arguments. --keep-storage is in MB of 10^6 bytes: rounded down, never to 0."""
+    """`buildctl prune` arguments. --keep-storage is in MB of 10^6 bytes, a decimal number
+    (buildctl multiplies it by 1e6): the budget to the byte."""
     args = ["prune"]
     if req.keep_storage:
-        mb = int(req.keep_storage // 1_000_000)
-        if mb < 1:
+        if req.keep_storage < 1:
             # 0 would mean "no limit" to buildctl: prune everything. Refuse instead.
-            raise BuilderError(f"keep-storage of {req.keep_storage} bytes is below buildctl's 1MB unit")
-        args += ["--keep-storage", str(mb)]
+            raise BuilderError(f"keep-storage of {req.keep_storage} bytes is not a budget")
+        mb = f"{req.keep_storage / 1_000_000:.6f}".rstrip("0").rstrip(".")
+        args += ["--keep-storage", mb]
     if req.keep_duration_seconds:
         args += ["--keep-duration", _go_duration(req.keep_duration_seconds)]
     if req.all:

@@ -161,6 +161,8 @@ async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
     assert pruned["reclaimed_bytes"] == 9441280 + 708608 + 2109440 and pruned["records"] == 3
     assert pruned["cache_bytes_before"] == 44961792 and pruned["cache_bytes_after"] == 0
     assert pruned["cache_freed_bytes"] == 44961792 and pruned["passes"] == 1
+    # The records BuildKit said it deleted, by id: to compare with a dry run's.
+    assert len(pruned["record_ids"]) == 3 and all(len(i) == 25 for i in pruned["record_ids"])
     assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
                     result="success") == 1
     assert h.metric("buildkit_cache_actuator_reclaimed_bytes_total", host="h1", builder="kamal",
@@ -170,6 +172,23 @@ async def test_a_firing_alert_prunes_the_builder_to_its_budget(harness):
     assert h.metric("buildkit_cache_actuator_prunes_in_progress") == 0
     assert h.metric("buildkit_cache_actuator_last_prune_timestamp_seconds", host="h1", builder="kamal",
                     action="prune-to-budget") > 1.7e9
+
+
+async def test_an_alert_for_a_builder_at_or_under_its_budget_prunes_nothing_and_takes_no_cooldown(harness):
+    """The alert's figures are older than the prune: if the cache is at or under its budget when the
+    prune would start, nothing is pruned, and the next alert is not held back by a cooldown."""
+    cfg = {**CFG, "builders": {**CFG["builders"], "kamal": {"budget": "44961792"}}}  # exactly the recorded cache
+    h = await harness.start(cfg)
+    for fp in ("fp1", "fp2"):
+        r = await h.post(notification(alert(fp=fp)))
+        assert (await r.json())["alerts"][0]["decision"] == D.ACCEPTED
+        await h.settle()
+    assert h.builders["kamal"].prunes == []
+    skipped = [e for e in h.audit_lines() if e["event"] == "skipped"]
+    assert [e["decision"] for e in skipped] == ["under_budget", "under_budget"]
+    assert "44,961,792 bytes" in skipped[0]["reason"] and skipped[0]["cooldown"].startswith("none")
+    assert h.metric("buildkit_cache_actuator_prunes_total", host="h1", builder="kamal", action="prune-to-budget",
+                    result="under_budget") == 2
 
 
 async def test_a_prune_cut_short_by_buildkit_gets_more_passes_until_under_budget(harness):
@@ -373,6 +392,8 @@ async def test_dry_run_takes_the_same_path_and_prunes_nothing(harness, caplog):
     assert entry["cache_bytes"] == total
     # A 20MB budget on the recorded cache: at least the excess goes, never everything.
     assert total - 20_000_000 <= entry["bytes"] < total
+    assert entry["bytes_low"] <= entry["bytes"] <= entry["bytes_high"]
+    assert len(entry["record_ids"]) == entry["records"]
     assert any("DRY-RUN would prune" in m and "h1/kamal" in m for m in caplog.messages)
     # A dry run takes no cooldown: the same alert again is another dry run.
     r = await h.post(notification(alert(builder="kamal")))

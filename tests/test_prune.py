@@ -122,10 +122,13 @@ def test_engine_prune_result_recorded():
     assert parse_engine_prune_result({"CachesDeleted": None, "SpaceReclaimed": 0}).records_deleted == 0
 
 
-def test_buildctl_args_use_megabytes_and_go_durations():
+def test_buildctl_args_use_decimal_megabytes_to_the_byte_and_go_durations():
     assert buildctl_prune_args(PruneRequest(keep_storage=20_000_000_000)) == ["prune", "--keep-storage", "20000"]
-    assert buildctl_prune_args(PruneRequest(keep_storage=1_999_999)) == ["prune", "--keep-storage", "1"]
+    assert buildctl_prune_args(PruneRequest(keep_storage=1_999_999)) == ["prune", "--keep-storage", "1.999999"]
+    assert buildctl_prune_args(PruneRequest(keep_storage=999_999)) == ["prune", "--keep-storage", "0.999999"]
+    # buildctl multiplies the number by 1e6 in float64: the byte comes back.
+    for budget in (1, 999_999, 12_345_678, 40_000_000_001):
+        (mb,) = buildctl_prune_args(PruneRequest(keep_storage=budget))[2:]
+        assert abs(int(float(mb) * 1e6) - budget) <= 1
     assert buildctl_prune_args(PruneRequest(keep_duration_seconds=86400)) == ["prune", "--keep-duration", "86400s"]
     assert buildctl_prune_args(PruneRequest(all=True)) == ["prune", "--all"]
-    with pytest.raises(BuilderError, match="below buildctl's 1MB unit"):
-        buildctl_prune_args(PruneRequest(keep_storage=999_999))

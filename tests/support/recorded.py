@@ -70,7 +70,7 @@ class RecordedBuilder(Builder):
         self._check("filesystem")
         return parse.parse_df((F / "df-k.txt").read_text(), (F / "df-i.txt").read_text())
 
-    def prune(self, req: PruneRequest, timeout: float) -> PruneResult:
+    def prune(self, req: PruneRequest, timeout: float, progress=None) -> PruneResult:
         with self._lock:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
