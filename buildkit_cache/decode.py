@@ -31,6 +31,7 @@ class EngineRow(msgspec.Struct, gc=False):
     shared: bool = msgspec.field(default=False, name="Shared")
     size: int = msgspec.field(default=0, name="Size")
     last_used_at: datetime | None = msgspec.field(default=None, name="LastUsedAt")
+    usage_count: int = msgspec.field(default=0, name="UsageCount")
 
 
 class BuildctlRow(msgspec.Struct, gc=False):
@@ -42,11 +43,11 @@ class BuildctlRow(msgspec.Struct, gc=False):
     shared: bool = False
     size: int = 0
     last_used_at: datetime | None = msgspec.field(default=None, name="lastUsedAt")
+    usage_count: int = msgspec.field(default=0, name="usageCount")
 
 
 class EngineFull(EngineRow, gc=False):
     created_at: datetime | None = msgspec.field(default=None, name="CreatedAt")
-    usage_count: int = msgspec.field(default=0, name="UsageCount")
     description: str | None = msgspec.field(default=None, name="Description")
     # API <= 1.41: `Parent`, a string. From 1.42 a list, which 26.1 and 28.5 send under the key
     # " Parents" with a leading space (a typo in the engine's struct tag); "Parents" as documented.
@@ -58,7 +59,6 @@ class EngineFull(EngineRow, gc=False):
 class BuildctlFull(BuildctlRow, gc=False):
     mutable: bool = False
     created_at: datetime | None = msgspec.field(default=None, name="createdAt")
-    usage_count: int = msgspec.field(default=0, name="usageCount")
     description: str | None = None
     parents: list[str] | None = None
 

@@ -29,6 +29,8 @@ class RecordLike(Protocol):
     def shared(self) -> bool: ...
     @property
     def last_used_at(self) -> datetime | None: ...
+    @property
+    def usage_count(self) -> int: ...
 
 
 def is_prunable(record: RecordLike, prune_all: bool) -> bool:
@@ -70,6 +72,7 @@ class UsageSummary:
     total_bytes: int
     total_records: int
     idle: IdleIndex = field(default_factory=IdleIndex)
+    never_reused_bytes: int = 0  # records not in use that were used once at most: built, never a cache hit
 
     def idle_bytes(self, now: float | datetime, windows: Sequence[float]) -> dict[float, int]:
         return self.idle.idle_bytes(now.timestamp() if isinstance(now, datetime) else now, windows)
@@ -83,10 +86,12 @@ def summarize(records: Iterable[RecordLike], fresh_cache_mounts: bool = False) -
     was made is idle in every window, however new. `fresh_cache_mounts`: the builder marks cache
     mounts used as a prune starts (the docker driver), so they are never idle."""
     by: dict[tuple[str, str], list[int]] = {(t, s): [0, 0] for t in RECORD_TYPES for s in STATES}
-    never_used = total = count = 0
+    never_used = total = count = once = 0
     used: list[tuple[float, int]] = []
     for r in records:
         rtype, size = r.record_type or "regular", r.size
+        if r.usage_count <= 1 and not r.in_use:
+            once += size
         cell = by.get((rtype, state := state_of(r.in_use, r.shared)))
         if cell is None:
             cell = by[(rtype, state)] = [0, 0]
@@ -107,5 +112,5 @@ def summarize(records: Iterable[RecordLike], fresh_cache_mounts: bool = False) -
         running += size
         cumulative.append(running)
     return UsageSummary(by_type_state={k: (v[0], v[1]) for k, v in by.items()}, total_bytes=total,
-                        total_records=count,
+                        total_records=count, never_reused_bytes=once,
                         idle=IdleIndex(never_used, array("d", (t for t, _ in used)), cumulative))

@@ -21,7 +21,7 @@ from buildkit_cache.config import Config, ConfigError
 from .measurements import intervals
 
 if TYPE_CHECKING:
-    from .collect import Collection
+    from .collect import Collection, Snapshot
 
 log = logging.getLogger("exporter")
 PROG = "buildkit-cache-exporter"
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "builder or host failed")
     p.add_argument("--format", choices=["table", "prometheus"], default="table",
                    help="with --once: a table for people (default), or the exposition /metrics serves")
+    p.add_argument("--top", metavar="N", type=int, default=0,
+                   help="with --once: then each builder's N largest cache records (type, size, last use, usage "
+                        "count, description): what fills the cache")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -115,7 +118,7 @@ def make_app(collection: Collection, cfg: Config, run: bool = True) -> web.Appli
     return app
 
 
-async def _once(cfg: Config, fmt: str) -> int:
+async def _once(cfg: Config, fmt: str, top: int = 0) -> int:
     from buildkit_cache.inventory import Inventory
 
     from . import table
@@ -130,13 +133,48 @@ async def _once(cfg: Config, fmt: str) -> int:
         sys.stdout.buffer.write(Exposition(lambda: snap, cfg).render())
     else:
         sys.stdout.write(table.render(snap, cfg, failed))
+    if top:
+        failed += await _top(snap, top)
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
     return 1 if failed else 0
 
 
+async def _top(snap: Snapshot, n: int) -> list[str]:
+    """Each measured builder's `n` largest records, after the table; what could not be read."""
+    import shutil
+    from datetime import UTC, datetime
+
+    from buildkit_cache.errors import BuilderError
+    from buildkit_cache.models import RECORDS
+
+    from . import table
+
+    failed = []
+    width = shutil.get_terminal_size((120, 24)).columns
+    for _key, state in sorted(snap.builders.items()):
+        result = state.results.get(RECORDS)
+        if result is None or not result.success:
+            continue
+        try:
+            records = await asyncio.get_running_loop().run_in_executor(None, state.builder.records)
+        except BuilderError as exc:
+            failed.append(f"{state.builder.ref} top records: {exc}")
+            continue
+        sys.stdout.write("\n" + table.render_top(state.builder.ref, records, n, datetime.now(UTC), width))
+    for line in failed:
+        print(f"failed: {line}", file=sys.stderr)
+    return failed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.top and not args.once:
+        print(f"{PROG}: --top needs --once", file=sys.stderr)
+        return 2
+    if args.top < 0:
+        print(f"{PROG}: --top takes a number of records, 1 or more", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, listen = load_config(PROG, args.config, args.listen, "exporter", args.docker_hosts)
@@ -153,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         check_against_hosts(PROG, cfg)
         return 0
     if args.once:
-        return asyncio.run(_once(cfg, args.format))
+        return asyncio.run(_once(cfg, args.format, args.top))
     if problem := missing_buildctl(cfg):
         logging.getLogger(PROG).warning("%s", problem)
     # The Docker SDK is imported from here on, once the config said whether ssh:// support is needed.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from buildkit_cache.config import Config
-from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME, FilesystemUsage, TreeUsage
+from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME, BuilderRef, CacheRecord, FilesystemUsage, TreeUsage
 from buildkit_cache.units import format_duration
 from buildkit_cache.usage import UsageSummary
 
@@ -76,3 +78,32 @@ def render(snapshot: Snapshot, cfg: Config, failures: list[str]) -> str:
         out.append("")
     out.append(f"failed: {len(failures)}: " + "; ".join(failures) if failures else "all measured")
     return "\n".join(out) + "\n"
+
+
+def _ago(t: datetime | None, now: datetime) -> str:
+    if t is None:
+        return "never"
+    seconds = max((now - t).total_seconds(), 0.0)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{seconds / length:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def render_top(ref: BuilderRef, records: Sequence[CacheRecord], n: int, now: datetime, width: int = 120) -> str:
+    """A builder's `n` largest records: what fills its cache (`--once --top N`). The description is
+    cut to fit `width` columns."""
+    largest = sorted(records, key=lambda r: r.size, reverse=True)[:n]
+    total = sum(r.size for r in records)
+    once = sum(r.size for r in records if r.usage_count <= 1 and not r.in_use)
+    out = [f"builder {ref} ({len(records):,} records, {size(total)}; {size(once)} of them used once at most): "
+           f"the {len(largest)} largest"]
+    rows = [["TYPE", "STATE", "SIZE", "LAST USED", "USES", "DESCRIPTION"]]
+    rows += [[r.record_type or "regular", r.state, size(r.size), _ago(r.last_used_at, now), str(r.usage_count),
+              " ".join(r.description.split())] for r in largest]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    room = max(width - sum(widths) - 2 * 5 - 2, 20)
+    for r in rows:
+        text = r[5] if len(r[5]) <= room else r[5][:room - 1] + "…"
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + text)
+    return "\n".join(line.rstrip() for line in out) + "\n"

@@ -58,6 +58,15 @@ def work_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test: --dist loadgroup), every test of one engine runs in the
+    same worker, which starts that engine's dockerd once; the engines run side by side."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if isinstance(params.get("engine"), engines.Engine):
+            item.add_marker(pytest.mark.xdist_group(params["engine"].id))
+
+
 def pytest_report_header(config):
     return ["engines: " + "; ".join(f"{e.id}: {e.describe()}" for e in ENGINES),
             f"BuildKit: {buildkit.VERSION} built from source ({buildkit.BUILDKIT_BIN}), standalone, rootless "

@@ -35,6 +35,10 @@ class Records(Measurement[UsageSummary]):
                           "record_type", "state"),
             "idle": gauge("idle_bytes", "Bytes of reclaimable records (not in use, not shared, not internal or "
                           "frontend) unused for at least idle_for: what a prune with until=idle_for frees.", "idle_for"),
+            "never_reused": gauge("never_reused_bytes", "Bytes of records not in use that were used once at most "
+                                  "(usage count 0 or 1): built and never a cache hit since, what a budget pays for "
+                                  "and gets nothing back from. `buildkit-cache-exporter --once --top N` names the "
+                                  "largest records."),
         }
 
     def render(self, families: Families, labels: list[str], value: UsageSummary, as_of: float, cfg: Config) -> None:
@@ -44,6 +48,7 @@ class Records(Measurement[UsageSummary]):
         # Idle bytes age with the clock: from what the last answer left, as of the last check.
         for window, size in sorted(value.idle_bytes(as_of, cfg.exporter.idle_windows).items()):
             families["idle"].add_metric([*labels, format_duration(window)], size)
+        families["never_reused"].add_metric(labels, value.never_reused_bytes)
 
 
 MEASUREMENT = Records()

@@ -351,3 +351,24 @@ def test_an_empty_cache_is_zero_records_and_success_fresh_and_after_prune_all(en
         assert once()[0] == 0
     finally:
         fresh.close()
+
+
+def test_once_top_names_each_builders_largest_records(dockerd, kamal):
+    """`--once --top N`: what fills each cache, from the builder's own records, largest first."""
+    done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--top", "3", "--docker-host",
+                           dockerd.url], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("builder local/kamal ("))
+    du = sorted(kamal.du(), key=lambda r: r["size"], reverse=True)
+    assert f"({len(du):,} records" in lines[start] and lines[start].endswith("the 3 largest")
+    assert lines[start + 1].split() == ["TYPE", "STATE", "SIZE", "LAST", "USED", "USES", "DESCRIPTION"]
+    from buildkit_cache.exporter.table import size
+
+    for line, record in zip(lines[start + 2:start + 5], du[:3], strict=True):
+        assert line.split()[:3] == [record["recordType"], "in_use" if record["inUse"] else
+                                    "shared" if record["shared"] else "reclaimable", size(record["size"])], line
+        assert len(line) <= 100
+    assert any(lines[start + 2 + i].rstrip().endswith("…") or du[i]["description"][:20] in lines[start + 2 + i]
+               for i in range(3))
