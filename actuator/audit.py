@@ -16,7 +16,7 @@ from typing import Any
 from buildkit_cache.units import format_bytes
 
 from .decide import Decision
-from .executor import DRY_RUN, SUCCESS, UNDER_BUDGET, Outcome
+from .executor import DRY_RUN, INTERRUPTED, SUCCESS, UNDER_BUDGET, Outcome
 from .metrics import ActuatorMetrics
 
 log = logging.getLogger("actuator.audit")
@@ -204,8 +204,8 @@ class Recorder:
 
     def interrupted(self, d: Decision) -> None:
         """The actuator stopped while this prune ran; BuildKit may finish it on its own."""
-        self.metrics.prunes.labels(d.host, d.builder, d.action_name, "interrupted").inc()
-        self.audit.record("failed", **self._common(d), result="interrupted",
+        self.metrics.prunes.labels(d.host, d.builder, d.action_name, INTERRUPTED).inc()
+        self.audit.record("failed", **self._common(d), result=INTERRUPTED,
                           reason="the actuator stopped while the prune was running; BuildKit may still finish it",
                           cooldown="kept: the claim holds until the prune's time is up")
 

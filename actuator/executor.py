@@ -33,6 +33,8 @@ PROGRESS_EVERY = 30.0  # seconds between log lines of a running prune
 MAX_PASSES = 5  # prune calls per incident when BuildKit stops short of its target
 
 SUCCESS, FAILURE, TIMEOUT, DRY_RUN, UNDER_BUDGET = "success", "failure", "timeout", "dry_run", "under_budget"
+INTERRUPTED = "interrupted"  # the actuator stopped while the prune ran (audit.Recorder.interrupted)
+RESULTS = (SUCCESS, FAILURE, TIMEOUT, DRY_RUN, UNDER_BUDGET, INTERRUPTED)  # prunes_total's `result`
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def state_usage(root: str, timeout: float) -> TreeUsage:
 
 # GNU du's complaint about a directory it may list in its parent but not read (a rootless buildkitd's
 # snapshots hold directories of shifted users with mode 0700, such as apt's `partial`).
-_UNREADABLE = re.compile(r"^du: cannot (?:read directory|access) '(.*)': Permission denied$")
+_UNREADABLE = re.compile(r"^(?:\S*/)?du: cannot (?:read directory|access) '(.*)': Permission denied$")
 
 
 def tree_usage(root: str, timeout: float) -> TreeUsage:
@@ -149,6 +149,7 @@ def statvfs_usage(path: str) -> FilesystemUsage:
         avail_bytes=st.f_bavail * st.f_frsize,
         files=st.f_files,
         files_free=st.f_ffree,
+        free_bytes=st.f_bfree * st.f_frsize,
     )
 
 

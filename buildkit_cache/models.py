@@ -98,12 +98,21 @@ class TreeUsage:
 
 @dataclass(frozen=True)
 class FilesystemUsage:
-    """The filesystem holding a path, with node_exporter's meanings."""
+    """The filesystem holding a path, with node_exporter's meanings: `free_bytes` counts the blocks
+    reserved for root (ext4 keeps 5% by default), `avail_bytes` does not."""
 
     size_bytes: int
     avail_bytes: int
     files: int
     files_free: int
+    free_bytes: int = 0
+
+    @property
+    def used_ratio(self) -> float:
+        """Used as `df` says it: used / (used + available), used = size - free. Blocks reserved for
+        root are neither used nor available to others: 1 - avail/size would count them as used."""
+        used = self.size_bytes - self.free_bytes
+        return used / (used + self.avail_bytes) if used + self.avail_bytes > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -207,11 +207,12 @@ def _df_numbers(text: str, what: str) -> tuple[int, int, int]:
 
 
 def parse_df(df_k: str, df_i: str) -> FilesystemUsage:
-    """`df -k PATH` and `df -i PATH` into node_exporter's size/avail/files/files_free."""
-    blocks, _used, avail = _df_numbers(df_k, "df -k")
+    """`df -k PATH` and `df -i PATH` into node_exporter's size/free/avail/files/files_free."""
+    blocks, used, avail = _df_numbers(df_k, "df -k")
     inodes, _iused, ifree = _df_numbers(df_i, "df -i")
     return FilesystemUsage(
-        size_bytes=blocks * 1024, avail_bytes=avail * 1024, files=inodes, files_free=ifree
+        size_bytes=blocks * 1024, avail_bytes=avail * 1024, files=inodes, files_free=ifree,
+        free_bytes=(blocks - used) * 1024,
     )
 
 

@@ -55,7 +55,7 @@ def row(state: BuilderState, cfg: Config, window: float) -> list[str]:
             str(usage.total_records) if usage is not None else "-",
             size(usage.total_bytes if usage is not None else None), size(reclaimable), size(idle),
             size(tree.bytes if tree is not None else None), f"{tree.files:,}" if tree is not None else "-",
-            _ratio(disk.size_bytes - disk.avail_bytes, disk.size_bytes) if disk is not None else "-",
+            f"{disk.used_ratio:.0%}" if disk is not None else "-",
             _ratio(disk.files - disk.files_free, disk.files) if disk is not None else "-",
             (size(budget) + over) if budget is not None else "-"]
 

@@ -58,6 +58,7 @@ def work_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups from the marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (scripts/test: --dist loadgroup), every test of one engine runs in the
     same worker, which starts that engine's dockerd once; the engines run side by side."""

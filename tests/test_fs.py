@@ -99,3 +99,28 @@ def test_a_tree_deeper_than_the_path_limit_is_measured_by_du_or_named_by_the_wal
             fs.walk_tree(str(root))
     finally:
         subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's own clean-up cannot: it recurses
+
+
+@pytest.mark.slow  # root: makes and mounts an ext4 filesystem
+def test_used_is_what_df_says_on_a_filesystem_with_blocks_reserved_for_root(tmp_path):
+    """ext4 reserves 5% for root by default: those blocks are neither used nor available to others.
+    `df` says used / (used + available); 1 - available / size would count them as used."""
+    image, mnt = tmp_path / "fs.img", tmp_path / "mnt"
+    subprocess.run(["truncate", "-s", "200M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "5", str(image)], check=True)
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        (mnt / "data").write_bytes(b"z" * 60_000_000)
+        os.sync()
+        usage = fs.statvfs_usage(str(mnt))
+        assert usage.free_bytes > usage.avail_bytes  # the reserved blocks
+        df = subprocess.run(["df", "--output=used,avail,pcent", "-B1", str(mnt)], capture_output=True, text=True,
+                            check=True).stdout.splitlines()[1].split()
+        used, avail, pcent = int(df[0]), int(df[1]), int(df[2].rstrip("%"))
+        assert (usage.size_bytes - usage.free_bytes, usage.avail_bytes) == (used, avail)
+        assert usage.used_ratio == used / (used + avail)
+        assert pcent - 1 < usage.used_ratio * 100 <= pcent  # df rounds up
+        assert usage.used_ratio < 1 - usage.avail_bytes / usage.size_bytes
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

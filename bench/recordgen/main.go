@@ -11,16 +11,24 @@
 //
 //	bkce-recordgen --addr unix:///run/buildkit/buildkitd.sock --records 200000 [--chain 8]
 //	               [--bytes 64] [--parallel 8] [--seed s]
+//	bkce-recordgen --docker unix:///var/run/docker.sock ...   (dockerd's embedded BuildKit)
+//
+// With --docker it reaches dockerd's own BuildKit the way buildx's docker driver does: gRPC over the
+// Engine API's `POST /grpc`, upgraded to h2c.
 //
 // The seed goes into every file, so two runs with different seeds make different records (the
 // same seed twice only uses the first run's records again, raising their usage counts).
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
+	"net"
+	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +47,7 @@ func main() {
 	size := flag.Int("bytes", 64, "bytes written by each record")
 	parallel := flag.Int("parallel", 8, "chains solved at once")
 	seed := flag.String("seed", fmt.Sprint(time.Now().UnixNano()), "makes this run's records its own")
+	docker := flag.String("docker", "", "a Docker Engine's unix:// socket: its embedded BuildKit instead of --addr")
 	flag.Parse()
 	if *records < 1 || *chain < 1 || *parallel < 1 {
 		fmt.Fprintln(os.Stderr, "bkce-recordgen: --records, --chain and --parallel must be at least 1")
@@ -48,8 +57,16 @@ func main() {
 	ctx := context.Background()
 	// This client's own messages are small (one chain a solve); a buildkitd built with a small
 	// gRPC limit still takes them. Large limits here so that only the server's limit applies.
-	c, err := client.New(ctx, *addr, client.WithGRPCDialOption(grpc.WithDefaultCallOptions(
-		grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20))))
+	opts := []client.ClientOpt{client.WithGRPCDialOption(grpc.WithDefaultCallOptions(
+		grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))}
+	if *docker != "" {
+		socket := strings.TrimPrefix(*docker, "unix://")
+		opts = append(opts, client.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+			return dialGRPC(ctx, socket)
+		}))
+		*addr = ""
+	}
+	c, err := client.New(ctx, *addr, opts...)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bkce-recordgen:", err)
 		os.Exit(1)
@@ -109,3 +126,37 @@ func main() {
 	}
 	fmt.Printf("%d records in %d chains of %d in %.1fs\n", made.Load(), chains, *chain, time.Since(started).Seconds())
 }
+
+// dialGRPC opens dockerd's BuildKit endpoint: `POST /grpc` upgraded to h2c on the Engine API socket.
+func dialGRPC(ctx context.Context, socket string) (net.Conn, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return nil, err
+	}
+	req, _ := http.NewRequest(http.MethodPost, "http://docker/grpc", nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "h2c")
+	if err := req.Write(conn); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, req)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		conn.Close()
+		return nil, fmt.Errorf("POST /grpc: %s", resp.Status)
+	}
+	return &bufferedConn{Conn: conn, r: br}, nil
+}
+
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }

@@ -25,6 +25,9 @@ class Filesystem(Measurement[FilesystemUsage]):
             "size": gauge("filesystem_size_bytes", "Size of the filesystem holding the builder's state."),
             "avail": gauge("filesystem_avail_bytes",
                            "Bytes available to unprivileged users on the filesystem holding the builder's state."),
+            "free": gauge("filesystem_free_bytes",
+                          "Free bytes of the filesystem holding the builder's state, the blocks reserved for root "
+                          "included: used as df says it is (size - free) / (size - free + avail)."),
             "files": gauge("filesystem_files", "Inodes of the filesystem holding the builder's state."),
             "files_free": gauge("filesystem_files_free", "Free inodes of the filesystem holding the builder's state."),
         }
@@ -32,6 +35,7 @@ class Filesystem(Measurement[FilesystemUsage]):
     def render(self, families: Families, labels: list[str], value: FilesystemUsage, as_of: float, cfg: Config) -> None:
         families["size"].add_metric(labels, value.size_bytes)
         families["avail"].add_metric(labels, value.avail_bytes)
+        families["free"].add_metric(labels, value.free_bytes)
         families["files"].add_metric(labels, value.files)
         families["files_free"].add_metric(labels, value.files_free)
 

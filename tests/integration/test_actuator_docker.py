@@ -483,3 +483,59 @@ def test_a_leaked_volume_whose_container_came_back_is_prunable_at_once(dockerd, 
         dockerd.cli("volume", "rm", "-f", volume, check=False)
     assert len(prunes_in(dockerd, foo.container, since)) == 1
     assert [r for r in foo.du() if not r["inUse"]] == []
+
+
+def test_sigterm_ends_the_actuator_within_its_drain_time_whatever_buildkit_is_doing(dockerd, frozen, tmp_path):
+    """A prune whose answer never comes (its buildctl stopped where it stands, SIGSTOP, after it
+    reached buildkitd): SIGTERM waits the drain time, records the prune as interrupted, and the
+    process exits; the thread still waiting on the answer does not hold it."""
+    from buildkit_cache.actuator.service import DRAIN_TIMEOUT
+
+    stuck = frozen("stuck")
+    act = Actuator(dockerd, tmp_path, 12_000_000)
+    freeze = stuck.freeze_at_prune()
+    clients: list[int] = []
+    try:
+        assert act.post(notification("prune-all", "stuck")) == 200
+        wait_for("buildkitd frozen at the prune", freeze.frozen.is_set, timeout=30)
+        clients = wait_for("buildctl prune in the builder", lambda: stuck.processes("buildctl"), timeout=30)
+        for pid in clients:
+            os.kill(pid, signal.SIGSTOP)
+        freeze.thaw()
+        stopped = time.monotonic()
+        act.svc.proc.send_signal(signal.SIGTERM)
+        assert act.svc.proc.wait(DRAIN_TIMEOUT + 20) == 0
+        assert time.monotonic() - stopped < DRAIN_TIMEOUT + 15
+        (failed,) = act.events("failed")
+        assert failed["result"] == "interrupted" and failed["builder"] == "stuck"
+    finally:
+        freeze.thaw()
+        for pid in clients:
+            os.kill(pid, signal.SIGKILL)
+        act.svc.stop()
+
+
+def test_the_dry_run_names_the_records_the_prune_then_deletes(dockerd, make_builder, layer_contexts, tmp_path):
+    kamal = make_builder("kamal")
+    for ctx in layer_contexts:
+        kamal.build(ctx)
+    before = kamal.settle()
+    budget = unshared(before) // 2
+    builders = f"  kamal: {{budget: {budget}}}"
+    dry = Actuator(dockerd, tmp_path, 1, dry_run=True, builders=builders)
+    try:
+        assert dry.post(notification("prune-to-budget", "kamal")) == 200
+        wait_for("the dry run", lambda: dry.events("dry_run"), timeout=60)
+    finally:
+        dry.stop()
+    act = Actuator(dockerd, tmp_path, 1, builders=builders)
+    try:
+        assert act.post(notification("prune-to-budget", "kamal")) == 200
+        wait_for("the prune", lambda: act.events("pruned"), timeout=60)
+    finally:
+        act.stop()
+    (plan,), (pruned,) = dry.events("dry_run"), act.events("pruned")
+    assert plan["bytes_low"] <= pruned["reclaimed_bytes"] <= plan["bytes_high"]
+    if not plan.get("ties"):
+        assert plan["record_ids"] == pruned["record_ids"]
+    assert unshared(kamal.du()) <= budget

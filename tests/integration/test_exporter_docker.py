@@ -372,3 +372,35 @@ def test_once_top_names_each_builders_largest_records(dockerd, kamal):
         assert len(line) <= 100
     assert any(lines[start + 2 + i].rstrip().endswith("…") or du[i]["description"][:20] in lines[start + 2 + i]
                for i in range(3))
+
+
+def test_once_in_prometheus_format_is_what_metrics_serves(build_cache, tmp_path):
+    """The same engine, asked by `--once --format prometheus` and by the server: the same families,
+    label sets and values, but for when and how long each measurement ran."""
+    import re
+
+    from lab.procs import Service, free_port, http_get, samples, wait_for
+
+    port = free_port()
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"docker_hosts: [{{url: '{build_cache.url}', name: test}}]\n"
+                   f"builders: {{default: {{budget: 1GB}}}}\nexporter: {{listen: '127.0.0.1:{port}'}}\n")
+    once = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--config", str(cfg), "--once",
+                           "--format", "prometheus"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_for("records", lambda: "buildkit_cache_size_bytes{" in http_get(url)[1], timeout=30)
+        served = http_get(url)[1]
+    finally:
+        svc.stop()
+
+    def comparable(text):
+        # When and how long, and the free space of a live filesystem (this test writes its logs
+        # there), differ between two runs; the rest is the same collection rendered the same way.
+        moving = re.compile(r"measurement_(duration_seconds|last_success_timestamp_seconds)$|"
+                            r"_(avail_bytes|free_bytes|files_free)$")
+        return {k: (None if moving.search(k[0]) else v) for k, v in samples(text).items()}
+
+    assert comparable(once.stdout) == comparable(served)
+    assert re.findall(r"^# (?:HELP|TYPE) .*$", once.stdout, re.M) == re.findall(r"^# (?:HELP|TYPE) .*$", served, re.M)

@@ -28,7 +28,7 @@ builders:
 exporter:
   listen: 127.0.0.1:{port}
   timeout: 5s
-  intervals: {{discovery: 1s, records: 1s, gc_policy: 1s, filesystem: 1s, state_volume: 1s}}
+  intervals: {{discovery: 1s, records: 1s, gc_policy: 1s, filesystem: 1s, state_volume: 1s, refresh: 5s}}
 """)
     svc = Service("buildkit_cache.exporter", ["--config", str(cfg)], tmp_path / "exporter.log")
     url = f"http://127.0.0.1:{port}/metrics"
@@ -105,9 +105,10 @@ def test_dockerd_going_down_shows_success_0_and_recovers_without_restart(build_c
 
 
 def test_a_hung_builder_costs_its_own_measurement_and_nothing_else(dockerd, make_builder, build_cache, exporter):
-    """A real buildkitd that stops answering (SIGSTOP: it takes connections and answers nothing):
-    the exec's deadline frees the worker, the container's `timeout` kills the buildctl, no second
-    one is started beside a hung first, and the Docker host and the other builders stay fresh."""
+    """A real buildkitd that stops answering (SIGSTOP: it takes connections and answers nothing),
+    found at the next safety refresh (`refresh`, 5s here; its databases do not change): the exec's
+    deadline frees the worker, the container's `timeout` kills the buildctl, no second one is
+    started beside a hung first, and the Docker host and the other builders stay fresh."""
     _, url = exporter
     hung = make_builder("hung")
     H = {"host": "test", "builder": "hung"}

@@ -56,7 +56,7 @@ def build_image(dockerd: PrivateDockerd, small: bool = False) -> str:
     bindir = SMALL_BIN if small else BUILDKIT_BIN
     files, links = busybox_files()
     links["bin/mount"] = "busybox"
-    for name in ("buildkitd", "buildctl"):
+    for name in ("buildkitd", "buildctl") + (("bkce-recordgen",) if small else ()):
         files[f"usr/bin/{name}"] = ((bindir / name).read_bytes(), 0o755)
     files["usr/bin/runc"] = (RUNC.read_bytes(), 0o755)
     for d in ("tmp", "run", "etc/buildkit", "var/lib/buildkit"):
@@ -215,6 +215,19 @@ class Builder:
         pid = self.pid()
         os.kill(pid, signal.SIGSTOP)
         return pid
+
+    def processes(self, name: str) -> list[int]:
+        """This machine's pids of the container's processes called `name` (its cgroup names it)."""
+        cid = self.dockerd.cli("inspect", "-f", "{{.Id}}", self.container).stdout.decode().strip()
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "comm").read_text().strip() == name and \
+                        cid in (proc / "cgroup").read_text():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
 
     def freeze_at_prune(self) -> FreezeAtPrune:
         """Freeze buildkitd the moment a `buildctl prune` is created in its container (the engine's
