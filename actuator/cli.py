@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
 from buildkit_cache import __version__
 from buildkit_cache.checks import missing_buildctl, socket_problem
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
+from buildkit_cache.config import Config
 from buildkit_cache.inventory import Inventory
 
 from . import cooldowns
@@ -22,6 +24,9 @@ from .state import MemoryState, StateError, StateFile
 
 log = logging.getLogger("actuator")
 PROG = "buildkit-cache-actuator"
+# Where the shipped units (deploy/systemd) and the README keep the config: --cooldowns and
+# --clear-cooldown read it when no --config is given, so they see the running service's state file.
+SERVICE_CONFIG = "/etc/buildkit-cache/config.yml"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept alerts without authentication (only for a loopback-only test setup)")
     p.add_argument("--check-config", action="store_true", help="validate the config, print the effective config and exit")
     p.add_argument("--cooldowns", action="store_true",
-                   help="print each builder's and action's last prune and cooldown from actuator.state_file, and exit")
+                   help="print each builder's and action's last prune and cooldown from actuator.state_file, and exit "
+                        f"(without --config: {SERVICE_CONFIG}, the service's)")
     p.add_argument("--clear-cooldown", metavar="HOST/BUILDER[/ACTION]",
-                   help="clear those cooldowns (safe while the actuator runs; audited), and exit")
+                   help="clear those cooldowns (safe while the actuator runs; audited), and exit "
+                        f"(without --config: {SERVICE_CONFIG}, the service's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
@@ -62,10 +69,42 @@ def setup_logging(level: str) -> None:
     audit.setLevel(logging.INFO)
 
 
+def _service_config(prog: str) -> str | None:
+    """The config --cooldowns and --clear-cooldown read without --config: the service's."""
+    if os.path.exists(SERVICE_CONFIG):
+        return SERVICE_CONFIG
+    print(f"{prog}: --cooldowns and --clear-cooldown read the state file the actuator's config names: pass "
+          f"--config FILE (the file the actuator runs with; {SERVICE_CONFIG} does not exist)", file=sys.stderr)
+    return None
+
+
+def _open_state(cfg: Config, prog: str) -> MemoryState | StateFile | None:
+    """The state file, checked, with what a stopped actuator left claimed said; None if unusable."""
+    if not cfg.actuator.state_file:
+        log.warning("actuator.state_file is empty: cooldowns and running prunes are kept in memory only, and a "
+                    "restart forgets them")
+        return MemoryState()
+    state = StateFile(cfg.actuator.state_file, time.time)
+    try:
+        left = state.check()
+    except (StateError, OSError) as exc:
+        print(f"{prog}: {cfg.source}: actuator.state_file: {exc}", file=sys.stderr)
+        return None
+    for key, entry in left:
+        log.warning("%s on %s/%s was still claimed when the actuator stopped (started %s): no second one "
+                    "starts before %s, or before its cooldown ends", key[2], key[0], key[1],
+                    _when(entry.started), _when(entry.busy_until))
+    return state
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     prog = PROG
+    if (args.cooldowns or args.clear_cooldown) and not args.config:
+        args.config = _service_config(prog)
+        if args.config is None:
+            return 2
     try:
         cfg, (host, port) = load_config(prog, args.config, args.listen, "actuator")
     except Exit as exc:
@@ -100,21 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: refusing to start without authentication: set actuator.auth.bearer_token_file or "
               "actuator.auth.basic_auth, or pass --insecure-no-auth", file=sys.stderr)
         return 2
-    state: MemoryState | StateFile = MemoryState()
-    if cfg.actuator.state_file:
-        state = StateFile(cfg.actuator.state_file, time.time)
-        try:
-            left = state.check()
-        except (StateError, OSError) as exc:
-            print(f"{prog}: {cfg.source}: actuator.state_file: {exc}", file=sys.stderr)
-            return 2
-        for key, entry in left:
-            log.warning("%s on %s/%s was still claimed when the actuator stopped (started %s): no second one "
-                        "starts before %s, or before its cooldown ends", key[2], key[0], key[1],
-                        _when(entry.started), _when(entry.busy_until))
-    elif not cfg.actuator.state_file:
-        log.warning("actuator.state_file is empty: cooldowns and running prunes are kept in memory only, and a "
-                    "restart forgets them")
+    state = _open_state(cfg, prog)
+    if state is None:
+        return 2
     if problem := missing_buildctl(cfg):
         logging.getLogger(prog).warning("%s", problem)
     dry_run = args.dry_run or cfg.actuator.dry_run

@@ -4,6 +4,7 @@ audit trail."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -23,9 +24,21 @@ def _matches(key: Key, target: str) -> bool:
     return tuple(parts) == key[: len(parts)] and len(parts) in (2, 3)
 
 
+def _missing(cfg: Config, prog: str) -> bool:
+    """Said when the state file's folder is not there: the actuator never ran with this config."""
+    folder = os.path.dirname(os.path.abspath(cfg.actuator.state_file))
+    if os.path.isdir(folder):
+        return False
+    print(f"{prog}: {cfg.source}: actuator.state_file {cfg.actuator.state_file}: {folder} does not exist: has the "
+          "actuator run with this config? Pass --config FILE, the file it runs with", file=sys.stderr)
+    return True
+
+
 def show(cfg: Config, prog: str) -> int:
     if not cfg.actuator.state_file:
         print(f"{prog}: actuator.state_file is empty: cooldowns live in the running process only", file=sys.stderr)
+        return 2
+    if _missing(cfg, prog):
         return 2
     now = time.time()
     try:
@@ -53,6 +66,8 @@ def clear(cfg: Config, prog: str, target: str) -> int:
     if target.count("/") not in (1, 2) or "" in target.split("/"):
         print(f"{prog}: --clear-cooldown: expected HOST/BUILDER or HOST/BUILDER/ACTION, got {target!r}",
               file=sys.stderr)
+        return 2
+    if _missing(cfg, prog):
         return 2
     now = time.time()
     cleared: list[Key] = []

@@ -51,7 +51,7 @@ def socket_problem(url: str) -> str | None:
             f"(group id {st.st_gid}) with mode {stat.filemode(st.st_mode)[1:]}, and this process "
             f"(user {_user_name(uid)}, uid {uid}, groups {', '.join(str(g) for g in groups)}) is not in "
             f"group {st.st_gid}; add it (docker run --group-add {st.st_gid}; compose: "
-            f"DOCKER_GID={st.st_gid}; systemd: SupplementaryGroups=)")
+            f"DOCKER_GID={st.st_gid}; systemd: SupplementaryGroups={_group_name(st.st_gid)})")
 
 
 def unmatched_builder_settings(cfg: Config, found: Mapping[str, Sequence[str]]) -> list[str]:

@@ -108,7 +108,7 @@ class DockerHost:
         try:
             return docker.APIClient(**kwargs)
         except _CONNECTION_ERRORS as exc:
-            raise Unavailable(f"Docker at {self.url} is unreachable: {_short(exc)}") from exc
+            raise Unavailable(self._socket_said(exc) or f"Docker at {self.url} is unreachable: {_short(exc)}") from exc
 
     def _reset(self) -> None:
         with self._lock:
@@ -142,8 +142,22 @@ class DockerHost:
                 if attempt < attempts:
                     log.debug("%s on %s: %s; once more on a new connection", what, self.name, _short(exc))
                     continue
-                raise Unavailable(f"{what} on {self.name}: Docker at {self.url} is unreachable: {_short(exc)}") from exc
+                raise Unavailable(f"{what} on {self.name}: {self._socket_said(exc) or f'Docker at {self.url} is unreachable: {_short(exc)}'}") from exc
         raise AssertionError("unreachable")
+
+    def _socket_said(self, exc: BaseException) -> str | None:
+        """For a unix socket this process may not use, or that is not there: who owns it and what to
+        do, as the actuator says it at start; None for any other failure."""
+        from .checks import socket_problem
+
+        cause = _root_cause(exc)
+        if not self.url.startswith("unix://") or not isinstance(cause, (PermissionError, FileNotFoundError)):
+            return None
+        path = self.url.removeprefix("unix://") or "/var/run/docker.sock"
+        if isinstance(cause, FileNotFoundError):
+            return (f"the Docker socket {path} does not exist: is Docker running? (docker_hosts[].url, "
+                    "--docker-host or $DOCKER_HOST name another)")
+        return socket_problem(self.url) or f"cannot use the Docker socket {path}: permission denied"
 
     @property
     def api_version(self) -> str:
@@ -379,6 +393,25 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise BuilderError(f"the engine answered {type(value).__name__}, not a JSON object")
     return value
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The OSError under requests' and urllib3's wrappers (`('Connection aborted.', PermissionError(13, ...))`)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (PermissionError, FileNotFoundError)):
+            return e
+        todo += [a for a in e.args if isinstance(a, BaseException)]
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        reason = getattr(e, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+    return exc
 
 
 def _short(exc: BaseException) -> str:

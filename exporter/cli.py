@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from buildkit_cache import __version__
-from buildkit_cache.checks import missing_buildctl
+from buildkit_cache.checks import missing_buildctl, socket_problem
 from buildkit_cache.cli_support import Exit, check_against_hosts, load_config, print_effective_config, serve
 from buildkit_cache.config import Config, ConfigError
 
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_once(cfg, args.format, args.top))
     if problem := missing_buildctl(cfg):
         logging.getLogger(PROG).warning("%s", problem)
+    for host in cfg.docker_hosts:  # it keeps trying: the socket's group may be fixed while it runs
+        if problem := socket_problem(host.url):
+            logging.getLogger(PROG).warning("docker_hosts %r: %s", host.name, problem)
     # The Docker SDK is imported from here on, once the config said whether ssh:// support is needed.
     from buildkit_cache.inventory import Inventory
 

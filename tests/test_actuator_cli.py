@@ -304,3 +304,24 @@ def test_a_tls_client_that_never_says_hello_is_dropped_after_the_header_timeout(
         silent.close()
     finally:
         svc.stop()
+
+
+def test_cooldowns_without_a_config_read_the_services_or_say_which_flag_to_pass(tmp_path, monkeypatch):
+    from buildkit_cache.actuator import cli
+
+    missing = tmp_path / "no-such-config.yml"
+    monkeypatch.setattr(cli, "SERVICE_CONFIG", str(missing))
+    for args in (["--cooldowns"], ["--clear-cooldown", "local/default"]):
+        assert cli.main(args) == 2
+    # With the service's config in place, it is the one read: its state file's folder is named.
+    missing.write_text(f"actuator: {{state_file: '{tmp_path}/nowhere/state.json'}}\n")
+    assert cli.main(["--cooldowns"]) == 2
+
+
+def test_a_state_file_that_was_never_made_says_to_pass_the_services_config(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"actuator: {{state_file: '{tmp_path}/nowhere/state.json'}}\n")
+    done = run("--config", str(cfg), "--cooldowns")
+    assert done.returncode == 2
+    assert "does not exist: has the actuator run with this config? Pass --config FILE" in done.stderr
+    assert "No such file" not in done.stderr

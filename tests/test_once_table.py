@@ -3,6 +3,8 @@ what failed; `--format prometheus` gives what /metrics serves."""
 
 from __future__ import annotations
 
+import pytest
+
 from buildkit_cache.config import parse_config
 from buildkit_cache.exporter import table
 from buildkit_cache.exporter.collect import Collection, HostState
@@ -33,3 +35,40 @@ async def test_one_line_per_builder_in_human_units_and_what_failed():
     assert ci.split()[:6] == ["ci", "docker-container", "-", "-", "-", "-"]
     assert lines[-1] == "failed: 1: h1/ci records: container is not running"
     assert "e+0" not in text  # no exposition-style numbers
+
+
+@pytest.mark.slow  # root: runs the program as another user
+def test_a_docker_socket_it_may_not_use_is_named_with_its_owner_and_the_fix(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from lab.procs import ROOT
+
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    # A folder the other user may enter (the test's own are root's only), removed at the end.
+    folder = Path(tempfile.mkdtemp(prefix="bkce-socket-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        path = folder / "docker.sock"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(path))
+            os.chmod(path, 0o660)
+            s.listen()
+            done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                   "-m", "buildkit_cache.exporter", "--once", "--docker-host", f"unix://{path}"],
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT)
+    finally:
+        shutil.rmtree(folder)
+    assert done.returncode == 1
+    assert f"cannot use {path}: it belongs to root:root" in done.stderr
+    assert "docker run --group-add 0; compose: DOCKER_GID=0; systemd: SupplementaryGroups=root" in done.stderr
+    assert "PermissionError" not in done.stderr and "Connection aborted" not in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--docker-host",
+                              f"unix://{tmp_path}/none.sock"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert f"the Docker socket {tmp_path}/none.sock does not exist: is Docker running?" in missing.stderr
+    assert "FileNotFoundError" not in missing.stderr
