@@ -23,6 +23,7 @@ import functools
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -31,9 +32,9 @@ from buildkit_cache.builders import Builder
 from buildkit_cache.checks import unmatched_builder_settings
 from buildkit_cache.config import Config
 from buildkit_cache.errors import BuilderError, Unavailable
-from buildkit_cache.fs import Fingerprint, databases_fingerprint
+from buildkit_cache.fs import Fingerprint, databases_fingerprint, statvfs_usage
 from buildkit_cache.inventory import BuilderSource
-from buildkit_cache.models import FILESYSTEM, RECORDS, BuilderRef
+from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME, BuilderRef
 
 from .measurements import BY_NAME, DISCOVERY, REFRESH, Measurement, intervals
 
@@ -89,8 +90,26 @@ class Snapshot:
 class _Mark:
     """What the collection remembers of one measurement of one builder between checks."""
 
-    ran: float = float("-inf")  # monotonic time of the last run
-    seen: Fingerprint | tuple[Any, ...] | None = None  # the builder's fingerprint when it last succeeded
+    ran: float = float("-inf")  # monotonic time of the check that last ran it
+    seen: Fingerprint | tuple[Any, ...] | None = None  # the builder's fingerprint it last succeeded on
+    disk: int | None = None  # the bytes used on the disk under the state when it last succeeded
+    tried: tuple[Any, ...] | None = None  # the fingerprint it was last run on, success or not
+
+
+@dataclass(frozen=True)
+class _Look:
+    """What a check sees of a builder before it asks anything: its fingerprint (None: cannot tell)
+    and the bytes used on the filesystem under its state (None: not visible)."""
+
+    fingerprint: tuple[Any, ...] | None
+    disk: int | None
+
+
+# The state volume is walked again, at its interval, when the disk under it moved by more than this
+# since the last walk (1% of the volume, at least 64 MB): a long build writing into a cache mount
+# changes no database until it ends, but it fills the disk.
+DISK_MOVED_RATIO = 0.01
+DISK_MOVED_BYTES = 64 * 1024 * 1024
 
 
 class Collection:
@@ -229,59 +248,96 @@ class Collection:
         host = self.snapshot.hosts.get(builder.ref.host)
         return (host.up if host else True, builder.identity(), dbs)
 
-    def _is_due(self, key: Key, m: Measurement[Any], fp: tuple[Any, ...] | None, now: float, force: bool) -> bool:
+    def look(self, builder: Builder) -> _Look:
+        """The fingerprint, and the disk's used bytes (statvfs: a few microseconds)."""
+        disk = None
+        state_dir = builder.state_dir() if STATE_VOLUME in builder.measurements else None
+        if state_dir:
+            try:
+                usage = statvfs_usage(state_dir)
+                disk = usage.size_bytes - usage.free_bytes
+            except OSError:
+                disk = None
+        return _Look(self.fingerprint(builder), disk)
+
+    def _slack(self) -> float:
+        """A check that comes a moment early is not skipped: checks are scheduled an interval apart,
+        and each runs what is due a little before its time."""
+        return max(0.1, 0.05 * self.intervals[RECORDS])
+
+    def _is_due(self, key: Key, m: Measurement[Any], look: _Look, started: float, force: bool) -> bool:
         mark = self._marks.get((key, m.name))
         if force or mark is None:
             return True
-        since = now - mark.ran
+        since = started - mark.ran + self._slack()
         if since >= self.intervals[REFRESH]:
             return True
+        fp = look.fingerprint
         last = self._result(key, m.name)
         failures = last.failures if last is not None else 0
         # A measurement that keeps failing (a hung builder) backs off: 1, 2, 4 ... intervals, at most
-        # the refresh interval; buildkit_cache_measurement_consecutive_failures says so.
-        if since < min(self.intervals[m.name] * 2 ** min(max(failures - 1, 0), 10), self.intervals[REFRESH]):
+        # the refresh interval; buildkit_cache_measurement_consecutive_failures says so. Once its
+        # container was replaced, started or stopped, it is tried again at its own interval.
+        backoff = min(self.intervals[m.name] * 2 ** min(max(failures - 1, 0), 10), self.intervals[REFRESH])
+        other = mark.tried is not None and fp is not None and mark.tried[:2] != fp[:2]
+        if since < (self.intervals[m.name] if other else backoff):
             return False
         # Unchanged since its last success: nothing to ask. The filesystem (statvfs where the state
         # is visible) costs nothing and sees what else fills the disk: it runs on its interval.
-        return fp is None or fp != mark.seen or m.name == FILESYSTEM
+        if fp is None or fp != mark.seen or m.name == FILESYSTEM:
+            return True
+        if m.name == STATE_VOLUME and look.disk is not None and mark.disk is not None:
+            walked = self._result(key, STATE_VOLUME)
+            size = walked.value.bytes if walked is not None and walked.success else 0
+            return abs(look.disk - mark.disk) > max(DISK_MOVED_RATIO * size, DISK_MOVED_BYTES)
+        return False
 
     async def check(self, builder: Builder, force: bool = False) -> None:
-        """Measure what is due on one builder: everything when `force`, else what changed."""
+        """Measure what is due on one builder: everything when `force`, else what changed.
+
+        Records first: when they shrank (a prune, GC), what depends on the cache's size is measured
+        in the same check. Each measurement's baseline is what the check saw before it ran; for the
+        records, what it sees after them, so the engine's own write while it answers (it marks cache
+        mounts used) is not taken for a change."""
         key = builder.ref.key
-        fp = await self._in_thread(lambda: self.fingerprint(builder))
-        if fp is None and key not in self._blind and not force:
+        started = time.monotonic()
+        look = await self._in_thread(lambda: self.look(builder))
+        if look.fingerprint is None and key not in self._blind and not force:
             self._blind.add(key)
             log.info("builder %s: its state directory is not visible here; measured on every interval", builder.ref)
-        now = time.monotonic()
-        due = [BY_NAME[m] for m in builder.measurements if self._is_due(key, BY_NAME[m], fp, now, force)]
+        names = builder.measurements
+        due = [n for n in names if self._is_due(key, BY_NAME[n], look, started, force)]
         if due and log.isEnabledFor(logging.DEBUG):
             mark = self._marks.get((key, RECORDS))
-            log.debug("builder %s: due %s; changed since records: %s", builder.ref, [m.name for m in due],
-                      _difference(mark.seen if mark else None, fp))
-        if fp is not None:  # what did not change is still right; where we cannot tell, it is only old
-            self._confirm(key, [m for m in builder.measurements if BY_NAME[m] not in due])
-        for m in due:
-            before = self._result(key, m.name)
-            ok = await self.measure(builder, m)
-            mark = self._marks.setdefault((key, m.name), _Mark())
-            mark.ran = now
-            if not ok:
-                mark.seen = None
-                continue
-            if m.name == RECORDS:
-                # The engine's own write while it answered (it marks cache mounts used) is no change:
-                # whatever had seen the fingerprint from before the answer now has the one after it.
-                after = await self._in_thread(lambda: self.fingerprint(builder))
-                for (k, _), seen in self._marks.items():
-                    if k == key and seen.seen == fp:
-                        seen.seen = after
-                fp = after
-                value = self._result(key, m.name)
-                if before is not None and before.success and value is not None and m.shrank(before.value, value.value):
+            log.debug("builder %s: due %s; changed since records: %s", builder.ref, due,
+                      _difference(mark.seen if mark else None, look.fingerprint))
+        if look.fingerprint is not None:  # what did not change is still right; where we cannot tell, it is only old
+            self._confirm(key, [n for n in names if n not in due])
+        if RECORDS in due:
+            before = self._result(key, RECORDS)
+            after = look
+            if await self.measure(builder, BY_NAME[RECORDS]):
+                after = await self._in_thread(lambda: self.look(builder))
+                value = self._result(key, RECORDS)
+                if before is not None and before.success and value is not None and \
+                        BY_NAME[RECORDS].shrank(before.value, value.value):
                     # A prune or GC: what depends on the cache's size is stale now, not at its interval.
-                    due += [BY_NAME[x] for x in m.invalidates if x in builder.measurements and BY_NAME[x] not in due]
-            mark.seen = fp
+                    due += [n for n in BY_NAME[RECORDS].invalidates if n in names and n not in due]
+            self._ran(key, RECORDS, started, look, after)
+        for name in [n for n in names if n in due and n != RECORDS]:
+            await self.measure(builder, BY_NAME[name])
+            self._ran(key, name, started, look, look)
+
+    def _ran(self, key: Key, name: str, started: float, tried: _Look, baseline: _Look) -> None:
+        """Remember a measurement's run: when, what it was tried on, and on success its baseline."""
+        mark = self._marks.setdefault((key, name), _Mark())
+        mark.ran = started
+        mark.tried = tried.fingerprint
+        result = self._result(key, name)
+        if result is not None and result.success:
+            mark.seen, mark.disk = baseline.fingerprint, baseline.disk
+        else:
+            mark.seen = None
 
     def _result(self, key: Key, measurement: str) -> Result | None:
         state = self.snapshot.builders.get(key)
@@ -308,8 +364,10 @@ class Collection:
         except (TimeoutError, BuilderError, OSError) as exc:
             message = str(exc) or f"no answer within {self.cfg.exporter.timeout:g}s"
             last = self._result(builder.ref.key, m.name)
-            if last is None or last.success or last.error != message:
+            if last is None or last.success:  # said once; its recovery is said too (below)
                 log.warning("builder %s: %s failed: %s", builder.ref, m.name, message)
+            else:
+                log.debug("builder %s: %s failed again: %s", builder.ref, m.name, message)
             self._set_result(builder.ref.key, m.name, Result(False, time.monotonic() - started, error=message))
             return False
         except Exception:  # a bug in one measurement must not stop the others
@@ -317,6 +375,9 @@ class Collection:
             self._set_result(builder.ref.key, m.name, Result(False, time.monotonic() - started, error="internal error"))
             return False
         log.debug("builder %s: %s measured in %.3fs", builder.ref, m.name, took)
+        last = self._result(builder.ref.key, m.name)
+        if last is not None and not last.success:
+            log.info("builder %s: %s measured again, after %d failed run(s)", builder.ref, m.name, last.failures)
         self._set_result(builder.ref.key, m.name, Result(True, took, value=value, last_success_timestamp=self.clock()))
         return True
 
@@ -347,7 +408,7 @@ class Collection:
                 for job, (interval, start) in jobs.items():
                     if job in self._running or self._due.get(job, 0.0) > now:
                         continue
-                    self._due[job] = now + interval
+                    self._due[job] = self._next_due(job, now, interval)
                     task = loop.create_task(start(), name="/".join(job))
                     self._running[job] = task
                     task.add_done_callback(functools.partial(self._done, job, wake))
@@ -364,6 +425,17 @@ class Collection:
         finally:
             for task in list(self._running.values()):
                 task.cancel()
+
+    def _next_due(self, job: tuple[str, ...], now: float, interval: float) -> float:
+        """When a job runs next: an interval after it was due, so its gaps stay an interval whatever
+        the loop's delays. A builder's first check runs at once; the second comes an interval and a
+        part of one later, that part fixed by the builder's name, so that the checks of many
+        builders spread over the interval instead of coming all at once (as cAdvisor's housekeeping)."""
+        due = self._due.get(job)
+        if due is None:
+            phase = zlib.crc32("/".join(job).encode()) / 2**32 if job[0] == "check" else 0.0
+            return now + interval * (1 + phase)
+        return due + interval if due + interval > now else now + interval
 
     def _done(self, job: tuple[str, ...], wake: asyncio.Event, _task: asyncio.Task[None]) -> None:
         self._running.pop(job, None)

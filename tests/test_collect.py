@@ -204,3 +204,138 @@ async def test_a_measurement_that_keeps_failing_backs_off_and_says_so(tmp_path):
     failures = reg.get_sample_value("buildkit_cache_measurement_consecutive_failures",
                                     {"host": "h1", "builder": "kamal", "measurement": "records"})
     assert failures == b.calls["records"]
+
+
+class Clock:
+    """time.monotonic as the collection sees it, moved by the test."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from buildkit_cache.exporter import collect
+
+    c = Clock()
+    monkeypatch.setattr(collect.time, "monotonic", c)
+    return c
+
+
+async def test_a_check_that_comes_a_moment_early_still_runs_what_is_due(tmp_path, clock):
+    """Checks are scheduled an interval apart; one that comes a few milliseconds before its
+    measurement's interval is over runs it all the same (it was skipped, and ran a whole interval
+    late: 60 s instead of 30 s, 40% of the time)."""
+    b = RecordedBuilder("kamal", state_dir=state_dir(tmp_path))
+    c = Collection(config(records="30s", filesystem="30s"), StaticInventory([b]))
+    try:
+        await c.check(b)
+        clock.now += 30.0 - 0.004
+        write(tmp_path / "cache.db")
+        await c.check(b)
+    finally:
+        c.close()
+    assert b.calls["records"] == 2 and b.calls["filesystem"] == 2
+
+
+class WritesDuringRecords(RecordedBuilder):
+    """A build that writes the databases while `buildctl du` runs: a change of the cache, not the
+    measurement's own write."""
+
+    def records(self):
+        out = super().records()
+        if self.calls["records"] == 2:
+            write(self.dir / "history.db")
+        return out
+
+
+async def test_a_change_during_the_records_measurement_is_still_measured_by_the_others(tmp_path, clock):
+    b = WritesDuringRecords("kamal", state_dir=state_dir(tmp_path))
+    c = Collection(config(), StaticInventory([b]))
+    try:
+        await c.check(b)
+        clock.now += 1
+        write(tmp_path / "cache.db")
+        await c.check(b)  # records: the second measurement, during which a build writes
+        walks = b.calls["state_volume"]
+        clock.now += 1
+        await c.check(b)
+    finally:
+        c.close()
+    # The write during the records was a change: the state volume is walked again for it.
+    assert b.calls["state_volume"] == walks + 1
+
+
+async def test_the_state_volume_is_walked_again_when_the_disk_under_it_moves(tmp_path, clock, monkeypatch):
+    """A long build writing into a cache mount changes no database until it ends; the disk moves.
+    (The disk here is a stand-in statvfs: this machine's own disk moves with whatever else runs.)"""
+    from buildkit_cache.exporter import collect
+    from buildkit_cache.models import FilesystemUsage
+
+    used = [10 * 2**30]
+    monkeypatch.setattr(collect, "statvfs_usage", lambda path: FilesystemUsage(
+        size_bytes=100 * 2**30, avail_bytes=100 * 2**30 - used[0], files=1000, files_free=500,
+        free_bytes=100 * 2**30 - used[0]))
+    b = RecordedBuilder("kamal", state_dir=state_dir(tmp_path))
+    c = Collection(config(state_volume="1s"), StaticInventory([b]))
+    try:
+        await c.check(b)
+        clock.now += 2
+        used[0] += 32 * 2**20
+        await c.check(b)
+        assert b.calls["state_volume"] == 1  # at rest, or a small move: no walk
+        used[0] += 64 * 2**20
+        clock.now += 2
+        await c.check(b)
+        assert b.calls["state_volume"] == 2 and b.calls["records"] == 1
+        clock.now += 0.5
+        used[0] += 200 * 2**20
+        await c.check(b)
+        assert b.calls["state_volume"] == 2  # no sooner than its interval
+        clock.now += 2
+        await c.check(b)
+        assert b.calls["state_volume"] == 3
+    finally:
+        c.close()
+
+
+async def test_a_failing_builder_backs_off_until_its_container_changes(tmp_path, clock, caplog):
+    b = RecordedBuilder("kamal", state_dir=state_dir(tmp_path), broken={"records"})
+    c = Collection(config(records="1s", gc_policy="1s", state_volume="1s", filesystem="1s", refresh="1h"),
+                   StaticInventory([b]))
+    try:
+        for _ in range(4):  # 1, 2, 4 ... seconds apart
+            await c.check(b, force=b.calls.get("records", 0) == 0)
+            clock.now += 1.0
+        tried = b.calls["records"]
+        assert tried < 4
+        b.broken.clear()
+        b.container_state = "restarted"  # its container was started again: tried at once
+        with caplog.at_level(logging.INFO, logger="exporter"):
+            await c.check(b)
+        assert b.calls["records"] == tried + 1
+        assert c.snapshot.builders[b.ref.key].results["records"].success
+        assert any("records measured again, after" in m for m in caplog.messages)
+        assert sum("records failed" in m for m in caplog.messages) == 1  # the failure was said once
+    finally:
+        c.close()
+
+
+def test_the_checks_of_many_builders_spread_over_the_interval_and_keep_their_gaps():
+    c = Collection(config(records="30s"), StaticInventory([]))
+    try:
+        jobs = [("check", "h1", f"builder-{i}") for i in range(50)]
+        second = [c._next_due(job, 0.0, 30.0) for job in jobs]
+        for job, due in zip(jobs, second, strict=True):
+            c._due[job] = due
+        # Spread over the interval after the first, not all at once...
+        assert min(second) >= 30.0 and max(second) < 60.0
+        assert len({round(d) for d in second}) > 20
+        # ...and an interval apart from then on, whenever the loop gets to them.
+        assert [c._next_due(job, due + 0.3, 30.0) for job, due in zip(jobs, second, strict=True)] == \
+            [d + 30.0 for d in second]
+    finally:
+        c.close()

@@ -40,15 +40,14 @@ async def test_one_line_per_builder_in_human_units_and_what_failed():
 @pytest.mark.slow  # root: runs the program as another user
 def test_a_docker_socket_it_may_not_use_is_named_with_its_owner_and_the_fix(tmp_path):
     import os
+    import shutil
     import socket
     import subprocess
     import sys
-
-    from lab.procs import ROOT
-
-    import shutil
     import tempfile
     from pathlib import Path
+
+    from lab.procs import ROOT
 
     # A folder the other user may enter (the test's own are root's only), removed at the end.
     folder = Path(tempfile.mkdtemp(prefix="bkce-socket-", dir="/tmp"))
