@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from .app import make_app
 from .audit import AuditLog, Recorder
 from .auth import AuthSetupError, load_credentials, server_ssl_context
 from .metrics import ActuatorMetrics
-from .service import ActuatorService
+from .service import CLAIM_MARGIN, ActuatorService
 from .state import MemoryState, StateError, StateFile
 
 log = logging.getLogger("actuator")
@@ -90,10 +91,14 @@ def _open_state(cfg: Config, prog: str) -> MemoryState | StateFile | None:
     except (StateError, OSError) as exc:
         print(f"{prog}: {cfg.source}: actuator.state_file: {exc}", file=sys.stderr)
         return None
+    hold = cfg.actuator.prune_timeout + cfg.actuator.settle_delay + CLAIM_MARGIN  # as the service's Claims hold it
     for key, entry in left:
+        ends = min(entry.busy_until, entry.started + hold)
+        until = (f"before {_when(ends)}" if math.isfinite(ends) and ends <= entry.started + hold
+                 else f"for {hold:g}s from now (its times cannot be obeyed)")
         log.warning("%s on %s/%s was still claimed when the actuator stopped (started %s): no second one "
-                    "starts before %s, or before its cooldown ends", key[2], key[0], key[1],
-                    _when(entry.started), _when(entry.busy_until))
+                    "starts %s, nor before its cooldown ends", key[2], key[0], key[1],
+                    _when(entry.started) if math.isfinite(entry.started) else repr(entry.started), until)
     return state
 
 

@@ -11,6 +11,7 @@ ever used: no label value becomes an argument of anything.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -19,11 +20,12 @@ from buildkit_cache.config import ActionConfig, Config
 from buildkit_cache.models import BuilderRef, PruneRequest
 
 from .payload import Alert
-from .state import Entry, MemoryState, StateError, StateFile
+from .state import Entry, Key, MemoryState, StateError, StateFile
 
 log = logging.getLogger("actuator")
 
 ACTION_LABEL = "buildkit_action"
+FUTURE_SLACK = 60.0  # a start later than now by more than this, on this clock: the clock went back
 
 # Decisions, as they appear in logs, the audit trail and the `decision` metric label.
 ACCEPTED = "accepted"
@@ -157,14 +159,46 @@ class Claims:
     `settle` is synchronous and runs on the event loop, and each change to the state file is made
     under its lock, so the check and the claim that follows it cannot interleave: of 50 copies of a
     notification arriving together, one is accepted.
+
+    Time: an entry is aged by its writer's times where the writer's clock is this process's (itself,
+    or a process of the same boot whose clock agrees), else by this process's monotonic clock from
+    when it first saw the entry. So a replica whose clock is ahead, behind, or on another host never
+    takes a cooldown or a running claim for over early, and clean-up drops only what is provably over
+    on this process's clock. A running claim holds at most `hold` (the longest a prune may take) from
+    its start; times that cannot be right (NaN, infinite, a `busy_until` before the start) are not
+    obeyed: the claim holds its whole `hold` from when this process first saw it.
     """
 
     def __init__(self, cooldown: float, clock: Callable[[], float], state: MemoryState | StateFile | None = None,
-                 hold: float = 3600.0):
+                 hold: float = 3600.0, monotonic: Callable[[], float] = time.monotonic):
         self.cooldown = cooldown
         self.clock = clock
+        self.monotonic = monotonic
         self.state = state if state is not None else MemoryState()
         self.hold = hold  # how long a running claim holds when its process is gone (prune_timeout + margin)
+        self._first_seen: dict[tuple[Key, str, str], float] = {}
+
+    def _age(self, key: Key, e: Entry, now: float) -> tuple[float, float]:
+        """How long ago the entry started, on a clock this process can trust, and how long its claim
+        holds from its start."""
+        sane = (math.isfinite(e.started) and math.isfinite(e.busy_until)
+                and e.started <= e.busy_until <= e.started + 366 * 86400)
+        if sane and self.state.same_clock(e) and e.started <= now + FUTURE_SLACK:
+            return now - e.started, min(e.busy_until - e.started, self.hold)
+        # Not this process's clock, or times it cannot obey: aged from when this process first saw it.
+        seen = (key, e.owner, repr(e.started))
+        if seen not in self._first_seen:
+            self._first_seen[seen] = self.monotonic()
+            if not sane or self.state.same_clock(e):
+                log.warning("state file: %s of %s/%s has times this clock cannot obey (started %r, busy until %r): "
+                            "it holds as if started now", key[2], key[0], key[1], e.started, e.busy_until)
+        first = self._first_seen[seen]
+        return self.monotonic() - first, min(e.busy_until - e.started, self.hold) if sane else self.hold
+
+    def holds(self, key: Key, e: Entry, now: float) -> tuple[bool, float]:
+        """Whether the entry's claim still holds, and how long its cooldown has run."""
+        age, hold = self._age(key, e, now)
+        return e.running and age < hold, age
 
     def settle(self, d: Decision, claim: bool = True) -> Decision:
         """An accepted decision claimed, or turned into a busy or cooldown skip. Without `claim` (a
@@ -176,21 +210,23 @@ class Claims:
         try:
             with self.state.locked() as shared:
                 e = shared.get(d.key)
-                # A claim holds until busy_until, whoever made it: one this process could not release
-                # (the state disk was read-only for a moment) expires like a dead process's.
-                if e is not None and e.running and now < min(e.busy_until, e.started + self.hold):
-                    return replace(d, decision=BUSY, reason="the same prune is already queued or running")
-                if e is not None and in_cooldown(e.started, now, self.cooldown):
-                    return replace(d, decision=COOLDOWN,
-                                   reason=f"{d.action_name} ran on {d.host}/{d.builder} {now - e.started:.0f}s ago; "
-                                          f"cooldown ends in {self.cooldown - (now - e.started):.0f}s")
+                if e is not None:
+                    busy, age = self.holds(d.key, e, now)
+                    # A claim holds whoever made it: one this process could not release (the state
+                    # disk was read-only for a moment) expires like a dead process's.
+                    if busy:
+                        return replace(d, decision=BUSY, reason="the same prune is already queued or running")
+                    if age < self.cooldown:
+                        return replace(d, decision=COOLDOWN,
+                                       reason=f"{d.action_name} ran on {d.host}/{d.builder} {age:.0f}s ago; "
+                                              f"cooldown ends in {self.cooldown - age:.0f}s")
                 if not claim:
                     return d
-                for key, old in list(shared.entries.items()):  # what no longer holds anything
-                    if (not old.running or now >= min(old.busy_until, old.started + self.hold)) \
-                            and not in_cooldown(old.started, now, self.cooldown):
+                for key, old in list(shared.entries.items()):  # what is provably over on this clock
+                    busy, age = self.holds(key, old, now)
+                    if not busy and age >= self.cooldown and self.state.same_clock(old):
                         shared.pop(key)
-                shared.put(d.key, Entry(now, True, now + self.hold, self.state.owner))
+                shared.put(d.key, Entry(now, True, now + self.hold, **self.state.stamp(now)))
         except StateError as exc:
             return replace(d, decision=STATE_FAILED, reason=f"cannot record the claim, so no prune: {exc}")
         return d

@@ -9,6 +9,13 @@ a filesystem with working flock) agree on one prune per incident.
 A prune that was running when its process died cannot be asked whether BuildKit still works on it:
 its claim holds until the time the prune may take (`prune_timeout`) plus a margin has passed since
 it started, and its cooldown holds as if it had run.
+
+Each entry records who wrote it (process, host) and the writer's clock: its boot and how far its
+wall clock stood from that boot's kernel clock. Times in the file are the writer's; another process
+ages an entry by them only when its clock is the writer's (the same boot, the same offset within a
+few seconds). Otherwise (another host, or a clock set apart) it ages the entry by its own monotonic
+clock from when it first saw it: a clock ahead or behind never ends a cooldown or a claim early, and
+never drops an entry (decide.Claims).
 """
 
 from __future__ import annotations
@@ -17,21 +24,22 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
+import socket
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 log = logging.getLogger("actuator")
 
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024  # entries exist only for configured builders and actions: a few kB
-FUTURE_SLACK = 60.0  # a `started` later than now by more than this is a clock that jumped back
 LOCK_TIMEOUT = 0.5  # seconds to wait for the state lock: another process holding it longer is a fault
+SAME_CLOCK = 5.0  # two processes of one boot whose wall clocks stand this close to its kernel's share a clock
 
 
 class StateError(Exception):
@@ -40,10 +48,29 @@ class StateError(Exception):
 
 @dataclass
 class Entry:
-    started: float  # when the last prune of this key started (wall clock)
+    started: float  # when the last prune of this key started (the writer's wall clock)
     running: bool  # queued or running, as far as the file knows
-    busy_until: float  # a running claim whose owner vanished holds until then
+    busy_until: float  # a running claim whose owner vanished holds until then (at most started + hold)
     owner: str  # the process that claimed it
+    host: str = ""  # the host it ran on
+    pid: int = 0
+    boot: str = ""  # the writer's clock: its boot id, and its wall clock less that boot's kernel clock
+    offset: float = 0.0
+
+
+def kernel_clock() -> tuple[str, float]:
+    """This boot's id and its kernel's wall clock (boot time + uptime), which no faked or jumped
+    process clock changes; ("", nan) where /proc does not say."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        with open("/proc/stat", encoding="ascii") as f:
+            btime = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, StopIteration, ValueError, IndexError):
+        return "", float("nan")
+    return boot, btime + uptime
 
 
 Key = tuple[str, str, str]
@@ -87,6 +114,12 @@ class MemoryState:
         self._shared = Shared({})
         self._lock = threading.Lock()  # claims are settled in worker threads, off the event loop
 
+    def stamp(self, now: float) -> dict[str, Any]:
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "boot": "", "offset": 0.0}
+
+    def same_clock(self, e: Entry) -> bool:
+        return True  # only this process writes it
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[Shared]:
         with self._lock:
@@ -94,12 +127,27 @@ class MemoryState:
 
 
 class StateFile:
-    def __init__(self, path: str, clock: Callable[[], float]):
+    def __init__(self, path: str, clock: Callable[[], float],
+                 kernel: Callable[[], tuple[str, float]] = kernel_clock):
         self.path = path
         self.clock = clock
+        self.kernel = kernel  # this boot's id and its kernel's clock (tests move it with their clock)
         self.owner = uuid.uuid4().hex
         self._lock_path = path + ".lock"
-        self._repaired = False
+
+    def stamp(self, now: float) -> dict[str, Any]:
+        """Who writes an entry now, and on which clock: Entry's fields past its times."""
+        boot, kernel = self.kernel()
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "boot": boot,
+                "offset": round(now - kernel, 3) if boot else 0.0}
+
+    def same_clock(self, e: Entry) -> bool:
+        """Whether the entry's times are on this process's clock: its own, or one of the same boot
+        whose wall clock stood as far from the kernel's as this one's does now."""
+        if e.owner == self.owner:
+            return True
+        boot, kernel = self.kernel()
+        return bool(boot) and e.boot == boot and abs((self.clock() - kernel) - e.offset) <= SAME_CLOCK
 
     def check(self) -> list[tuple[Key, Entry]]:
         """At start: the folder exists (made if it can be) and the file can be read and written.
@@ -117,9 +165,7 @@ class StateFile:
             raise StateError(f"cannot open {self._lock_path}: {exc.strerror}") from exc
         try:
             self._lock_within(fd, LOCK_TIMEOUT)
-            self._repaired = False
             shared = Shared(self._read())
-            shared.changed = self._repaired  # what was dropped or clamped is written back so, once
             yield shared
             if shared.changed:
                 self._write(shared.entries)
@@ -154,7 +200,9 @@ class StateFile:
             if data.get("version") != VERSION:
                 raise ValueError(f"version {data.get('version')!r}, this actuator writes {VERSION}")
             entries = {_decode(k): Entry(float(v["started"]), bool(v["running"]), float(v["busy_until"]),
-                                         str(v["owner"])) for k, v in data["claims"].items()}
+                                         str(v["owner"]), str(v.get("host", "")), int(v.get("pid", 0)),
+                                         str(v.get("boot", "")), float(v.get("offset", 0.0)))
+                       for k, v in data["claims"].items()}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             # A damaged file must not stop prunes for good, nor be silently trusted: say so, keep it
             # aside for a look, start over.
@@ -165,27 +213,10 @@ class StateFile:
                 aside = "(could not be moved aside)"
             log.error("state file %s is unreadable (%s); moved to %s, starting from no claims", self.path, exc, aside)
             return {}
-        return self._distrusted(entries)
-
-    def _distrusted(self, entries: dict[Key, Entry]) -> dict[Key, Entry]:
-        """Times that cannot be right are not obeyed: NaN, infinite or absurd ones are dropped, a start
-        in the future (a clock that jumped back) is taken as now; each is logged."""
-        now = self.clock()
-        out = {}
-        self._repaired = False
-        for key, e in entries.items():
-            if not all(math.isfinite(t) and 0 <= t < now + 366 * 86400 for t in (e.started, e.busy_until)):
-                log.error("state file %s: %s of %s/%s has impossible times (started %r, busy until %r); dropped",
-                          self.path, key[2], key[0], key[1], e.started, e.busy_until)
-                self._repaired = True
-                continue
-            if e.started > now + FUTURE_SLACK:
-                log.warning("state file %s: %s of %s/%s started %.0fs in the future (the clock went back?); "
-                            "taken as started now", self.path, key[2], key[0], key[1], e.started - now)
-                e = Entry(now, e.running, min(e.busy_until, now + (e.busy_until - e.started)), e.owner)
-                self._repaired = True
-            out[key] = e
-        return out
+        # Times that cannot be right (NaN, infinite, absurd) are kept as they are: decide.Claims
+        # does not obey them (a claim holds its whole time from when it was first seen), and what
+        # another process wrote is not this process's to drop.
+        return entries
 
     def _write(self, entries: dict[Key, Entry]) -> None:
         data = {"version": VERSION, "claims": {_encode(k): asdict(e) for k, e in sorted(entries.items())}}

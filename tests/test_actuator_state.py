@@ -25,9 +25,12 @@ class Clock:
         return self.t
 
 
-def claims(path, clock, cooldown=3600.0) -> D.Claims:
-    """One actuator process: its own claims object over the shared file."""
-    return D.Claims(cooldown, clock, StateFile(str(path), clock), HOLD)
+def claims(path, clock, cooldown=3600.0, kernel_offset=0.0) -> D.Claims:
+    """One actuator process: its own claims object over the shared file. Its wall clock is `clock`;
+    the machine's kernel clock and its monotonic clock move with it, `kernel_offset` apart (a clock
+    set ahead of the kernel's by that much)."""
+    return D.Claims(cooldown, clock, StateFile(str(path), clock, lambda: ("test-boot", clock() - kernel_offset)),
+                    HOLD, monotonic=clock)
 
 
 def test_a_redelivery_after_a_restart_within_the_cooldown_prunes_nothing(tmp_path):
@@ -181,20 +184,73 @@ def test_a_start_in_the_future_blocks_for_one_cooldown_at_most(tmp_path, caplog)
     c = claims(tmp_path / "state.json", clock)
     d = c.settle(decide())
     assert d.decision == D.COOLDOWN and "cooldown ends in 3600s" in d.reason
-    assert any("in the future" in m for m in caplog.messages)
     clock.t += 3600
     assert c.settle(decide()).accepted
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", 1e300, -5])
-def test_impossible_times_in_the_state_file_are_dropped_not_obeyed_nor_fatal(tmp_path, caplog, bad):
-    """M5: NaN, infinite or absurd times are dropped with a log line; start-up goes on."""
+def test_a_running_claim_with_impossible_times_holds_its_whole_time_not_less(tmp_path, caplog, bad):
+    """A claim whose busy_until is NaN, infinite, absurd or before its start (a partial write,
+    another version) is not obeyed, nor dropped: it holds for the longest a prune may take, from
+    when this process first saw it. No second prune starts meanwhile."""
     clock = Clock()
     write_state(tmp_path / "state.json", clock.t - 10, float(bad))
     state = StateFile(str(tmp_path / "state.json"), clock)
-    assert state.check() == []  # nothing left running, nothing raised
-    assert any("impossible times" in m for m in caplog.messages)
-    assert claims(tmp_path / "state.json", clock).settle(decide()).accepted
+    assert [k for k, _ in state.check()] == [("h1", "kamal", "prune-to-budget")]  # said at start, nothing raised
+    c = claims(tmp_path / "state.json", clock, cooldown=0.0)  # the hold alone (a cooldown would follow it)
+    assert c.settle(decide()).decision == D.BUSY
+    assert any("cannot obey" in m for m in caplog.messages)
+    clock.t += HOLD - 1
+    assert c.settle(decide()).decision == D.BUSY
+    clock.t += 2
+    assert c.settle(decide()).accepted
+
+
+def test_a_replica_with_its_clock_ahead_ends_no_cooldown_early_and_drops_nothing(tmp_path):
+    """Two replicas share the state file; one's clock is 400 days ahead of the machine's (as
+    libfaketime sets it; tests/integration/test_actuator_clocks.py runs real processes so). Its
+    clean-up used to drop every entry its clock said was over, and it pruned again at once."""
+    real, ahead = Clock(), Clock(1_000_000.0 + 400 * 86400)
+    path = tmp_path / "state.json"
+    first = claims(path, real)
+    d = first.settle(decide())
+    first.release(d, ran=True)
+    skewed = claims(path, ahead, kernel_offset=400 * 86400)
+    other = skewed.settle(decide(builder="limited", action="prune-idle"))  # its clean-up runs here
+    assert other.accepted
+    assert json.dumps(["h1", "kamal", "prune-to-budget"]) in json.loads(path.read_text())["claims"]
+    again = skewed.settle(decide())
+    assert again.decision == D.COOLDOWN
+    real.t += 600
+    ahead.t += 600
+    assert skewed.settle(decide()).decision == D.COOLDOWN
+    assert first.settle(decide()).decision == D.COOLDOWN  # the real clock's own view is unchanged
+    real.t += 3000
+    ahead.t += 3000
+    assert first.settle(decide()).accepted
+
+
+def test_a_replica_with_its_clock_behind_drops_nothing_and_waits_one_cooldown(tmp_path):
+    real, behind = Clock(), Clock(1_000_000.0 - 400 * 86400)
+    path = tmp_path / "state.json"
+    first = claims(path, real)
+    first.release(first.settle(decide()), ran=True)
+    late = claims(path, behind, kernel_offset=-400 * 86400)
+    assert late.settle(decide()).decision == D.COOLDOWN
+    assert late.settle(decide(builder="limited", action="prune-idle")).accepted  # clean-up: drops nothing
+    assert "kamal" in path.read_text()
+    behind.t += 3600
+    assert late.settle(decide()).accepted
+
+
+def test_each_entry_says_which_process_and_host_wrote_it(tmp_path):
+    import socket
+
+    c = claims(tmp_path / "state.json", Clock())
+    c.settle(decide())
+    (entry,) = json.loads((tmp_path / "state.json").read_text())["claims"].values()
+    assert entry["host"] == socket.gethostname() and entry["pid"] == os.getpid()
+    assert entry["boot"] == "test-boot" and entry["owner"] == c.state.owner
 
 
 def test_an_unparsable_state_file_is_moved_aside_and_started_afresh(tmp_path, caplog):

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from lab.engines import write_build_context
-from lab.procs import Service, free_port, http_get, value, wait_for
+from lab.procs import Process, Service, free_port, http_get, value, wait_for
 from tests.conftest import engine_get
 from tests.support import buildkit
 
@@ -56,9 +56,13 @@ actuator:
 {extra}
 """)
         args = ["--config", str(cfg)] + (["--dry-run"] if dry_run else [])
-        self.svc = Service("buildkit_cache.actuator", args, tmp_path / f"actuator-{self.port}.log")
+        self.log = tmp_path / f"actuator-{self.port}.log"
+        self.svc = self._start(args)
         self.url = f"http://127.0.0.1:{self.port}"
         wait_for("the actuator", lambda: http_get(self.url + "/healthz")[0] == 200, timeout=30)
+
+    def _start(self, args: list[str]) -> Process:
+        return Service("buildkit_cache.actuator", args, self.log)
 
     def post(self, body: dict, token: str = TOKEN) -> int:
         import urllib.error
