@@ -18,7 +18,6 @@ import docker
 import docker.errors
 import docker.tls
 import requests.exceptions
-from docker.utils.socket import consume_socket_output, demux_adaptor, frames_iter
 
 from .config import DockerTLS
 from .errors import BuilderError, CommandFailed, Unavailable
@@ -35,6 +34,18 @@ _CONNECTION_ERRORS = (
     FileNotFoundError,
     docker.errors.DockerException,
 )
+
+
+class _APIClient(docker.APIClient):
+    """The Docker SDK's client, whose TLS CA the environment cannot override: requests lets
+    REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE replace a session's `verify` on every request, so a
+    configured `tls.ca_file` lost to whatever the environment named."""
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if isinstance(self.verify, str) and verify in (None, True):  # the config's CA file
+            merged["verify"] = self.verify
+        return merged
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ class DockerHost:
                 verify=self.tls.ca_file if (self.tls.verify and self.tls.ca_file) else self.tls.verify,
             )
         try:
-            return docker.APIClient(**kwargs)
+            return _APIClient(**kwargs)
         except _CONNECTION_ERRORS as exc:
             raise Unavailable(self._socket_said(exc) or f"Docker at {self.url} is unreachable: {_short(exc)}") from exc
 
@@ -250,17 +261,15 @@ class DockerHost:
                 raw = getattr(sock, "_sock", sock)
                 pipe = getattr(getattr(raw, "proc", None), "stdout", None)
                 try:
-                    if type(raw) is socket.socket:  # unix:// and plain tcp://: a deadline of our own
+                    if isinstance(raw, socket.socket):  # unix://, tcp:// and tcp:// with TLS: one reader
                         first = _read_past_headers(sock, raw)
                         out, err = _read_exec_stream(_socket_reader(raw, first), deadline, limit, what, on_stdout)
                     elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
                         out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what, on_stdout)
-                    else:  # TLS sockets: the SDK's reader, with its per-read timeout
-                        for s in (sock, raw):
-                            if hasattr(s, "settimeout"):
-                                s.settimeout(limit)
-                        frames = (demux_adaptor(*f) for f in frames_iter(sock, tty=False))  # type: ignore[no-untyped-call]
-                        out, err = consume_socket_output(frames, demux=True)
+                    else:
+                        raise BuilderError(f"exec in {container}: the Docker SDK gave a {type(raw).__name__}, "
+                                           "not a socket or ssh pipe this exporter reads (docker 7 and "
+                                           "urllib3 1.26-2 give those; pyproject.toml pins them)")
                 except (Unavailable, OSError):
                     self._given_up[key] = created["Id"]  # it may still run there: the next one waits for it
                     raise
@@ -304,14 +313,19 @@ def _read_past_headers(sock: Any, raw: socket.socket) -> bytes:
     """What the SDK's HTTP client read past the upgrade's headers into its buffer: the start of the
     stream, when the engine sent it with the headers (a quick command: its whole output). Reading
     the socket around that buffer lost it, an empty answer with exit code 0 (docker/docker-py#2042;
-    here 3 of 400 execs of the 200-builder bench)."""
+    here 3 of 400 execs of the 200-builder bench).
+
+    The buffer is where docker 7 and urllib3 1.26-2 keep it (`sock._response.raw._fp.fp`, private):
+    where it is not (a newer SDK), the exec fails loudly rather than read around it."""
     fp = getattr(getattr(getattr(getattr(sock, "_response", None), "raw", None), "_fp", None), "fp", None)
     if not isinstance(fp, io.BufferedReader):
-        return b""
+        raise BuilderError("the Docker SDK's exec stream is not laid out as docker 7 with urllib3 1.26-2 lay it "
+                           "out (no buffer at sock._response.raw._fp.fp): not reading around it, which loses "
+                           "quick answers (docker-py#2042); install the versions pyproject.toml pins")
     raw.setblocking(False)
     try:
         return fp.read1(1 << 16) or b""  # the buffer, or what the socket has now: never waits
-    except OSError:
+    except OSError:  # nothing there yet (ssl.SSLWantReadError is one)
         return b""
     finally:
         raw.setblocking(True)
@@ -322,11 +336,13 @@ def _socket_reader(raw: socket.socket, first: bytes = b"") -> Reader:
     poller = select.poll()
     poller.register(raw, select.POLLIN | select.POLLPRI | select.POLLHUP)
     pending = [first] if first else []
+    # A TLS socket may hold decrypted bytes that poll() does not see.
+    buffered = getattr(raw, "pending", lambda: 0)
 
     def read(wait: float) -> bytes | None:
         if pending:
             return pending.pop()
-        return raw.recv(1 << 16) if poller.poll(wait * 1000) else None
+        return raw.recv(1 << 16) if buffered() or poller.poll(wait * 1000) else None
 
     return read
 

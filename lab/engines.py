@@ -174,9 +174,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 class PrivateDockerd:
     """One engine of the matrix with its own data root, socket and namespaces under `root`."""
 
-    def __init__(self, root: Path, eng: Engine | None = None):
+    def __init__(self, root: Path, eng: Engine | None = None, extra: tuple[str, ...] = ()):
         self.root = Path(root)
         self.engine = eng or host_engine()
+        self.extra = extra  # more dockerd arguments (another --host, TLS files)
         self.data_root = self.root / "data"
         self.exec_root = self.root / "exec"
         self.socket = self.root / "docker.sock"
@@ -231,6 +232,7 @@ class PrivateDockerd:
             "--host", self.url,
             "--bridge=none",
             "--iptables=false",
+            *self.extra,
         ]
         if not self.engine.containerd_store:
             argv += ["--storage-driver", "overlay2"]
@@ -336,6 +338,10 @@ class PrivateDockerd:
     def env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_HOST": self.url, "DOCKER_BUILDKIT": "1",
                 "DOCKER_CONFIG": str(self.root / "cli-config")}
+
+    def in_netns(self, argv: list[str]) -> list[str]:
+        """`argv` run in this engine's network namespace (to reach what it serves on its loopback)."""
+        return ["nsenter", f"--net=/proc/{self.pid}/ns/net", "--", *argv]
 
     def cli_argv(self, *args: str) -> list[str]:
         """The engine's own docker CLI, run in its namespaces."""

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lab.procs import ROOT, Service, free_port, wait_for
+from tests.support.pki import make_pki
 
 pytestmark = pytest.mark.slow  # starts the programs as processes (and waits out a 15 s header timeout)
 
@@ -58,25 +59,9 @@ def test_check_config_shows_loopback_default_and_actions(tmp_path):
     assert bad.returncode == 2 and "(top level): expected a mapping" in bad.stderr
 
 
-def openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture
 def pki(tmp_path):
-    d = tmp_path / "pki"
-    d.mkdir()
-    # A CA as Python 3.13's strict verification (VERIFY_X509_STRICT, Debian 13) requires: key usage set.
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=test-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text(ext + "\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path / "pki")
 
 
 def test_tls_with_client_certificates(tmp_path, pki: Path):
