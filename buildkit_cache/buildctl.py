@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from . import decode, parse
+from . import deadline, decode, parse
 from .config import BuildkitdTLS
 from .docker_api import DockerHost
 from .errors import BuilderError, CommandFailed, Unavailable
@@ -51,7 +51,8 @@ class ContainerBuildctl:
     def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
                  on_stdout: Callable[[bytes], None] | None = None) -> str:
         if self.wrap:
-            limit = math.ceil(timeout or self.host.timeout) + self.GRACE
+            # Killed in the container soon after the exec stops waiting: the measurement's deadline.
+            limit = math.ceil(deadline.left(timeout or self.host.timeout)) + self.GRACE
             result = self.host.exec(self.container, ["timeout", "-s", "KILL", str(limit), "buildctl", *args],
                                     timeout, retry, on_stdout)
             missing = result.exit_code in (126, 127) and "timeout" in (result.stderr + result.stdout)
@@ -84,7 +85,7 @@ class LocalBuildctl:
 
     def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
                  on_stdout: Callable[[bytes], None] | None = None) -> str:
-        timeout = timeout or self.timeout
+        timeout = deadline.left(timeout or self.timeout)
         if shutil.which(self.binary) is None:
             raise Unavailable(f"buildctl not found (looked for {self.binary!r} on PATH); "
                               "install it to reach remote builders")

@@ -19,6 +19,7 @@ import docker.errors
 import docker.tls
 import requests.exceptions
 
+from . import deadline
 from .config import DockerTLS
 from .errors import BuilderError, CommandFailed, Unavailable
 
@@ -242,7 +243,7 @@ class DockerHost:
         key = (container, tuple(argv))
 
         def call(c: docker.APIClient) -> ExecResult:
-            limit = timeout or self.timeout
+            limit = deadline.left(timeout or self.timeout)
             earlier = self._given_up.get(key)
             if earlier is not None:
                 try:
@@ -253,7 +254,7 @@ class DockerHost:
                     raise Unavailable(f"`{' '.join(argv[:6])}` started earlier in {container} is still running "
                                       "there (a hung builder?); not starting another beside it")
                 self._given_up.pop(key, None)
-            deadline = time.monotonic() + limit
+            ends = time.monotonic() + limit
             created = c.exec_create(container, list(argv), stdout=True, stderr=True)
             sock = c.exec_start(created["Id"], socket=True)
             what = f"`{' '.join(argv[:3])}` in {container}"
@@ -263,9 +264,9 @@ class DockerHost:
                 try:
                     if isinstance(raw, socket.socket):  # unix://, tcp:// and tcp:// with TLS: one reader
                         first = _read_past_headers(sock, raw)
-                        out, err = _read_exec_stream(_socket_reader(raw, first), deadline, limit, what, on_stdout)
+                        out, err = _read_exec_stream(_socket_reader(raw, first), ends, limit, what, on_stdout)
                     elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
-                        out, err = _read_exec_stream(_pipe_reader(pipe), deadline, limit, what, on_stdout)
+                        out, err = _read_exec_stream(_pipe_reader(pipe), ends, limit, what, on_stdout)
                     else:
                         raise BuilderError(f"exec in {container}: the Docker SDK gave a {type(raw).__name__}, "
                                            "not a socket or ssh pipe this exporter reads (docker 7 and "

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from buildkit_cache import deadline
 from buildkit_cache.builders import Builder
 from buildkit_cache.checks import unmatched_builder_settings
 from buildkit_cache.config import Config
@@ -353,7 +354,8 @@ class Collection:
                                   f"{self.cfg.exporter.timeout:g}s")
             try:
                 began = time.monotonic()
-                return m.run(builder, self.cfg), time.monotonic() - began
+                with deadline.within(self.cfg.exporter.timeout):  # its calls end with it
+                    return m.run(builder, self.cfg), time.monotonic() - began
             finally:
                 if lock is not None:
                     lock.release()
