@@ -11,7 +11,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import deadline, decode, parse
 from .config import BuildkitdTLS
@@ -39,18 +39,20 @@ class ContainerBuildctl:
 
     The command runs under the container's `timeout` (BuildKit's images have busybox), so a
     buildctl that hangs is killed in the container soon after this side stops waiting for it,
-    instead of piling up there; images without `timeout` run buildctl as it is."""
+    instead of piling up there; images without `timeout` run buildctl as it is, and the host
+    remembers that of the container (`DockerHost.without_timeout`), so it is not tried each time."""
 
     GRACE = 5  # seconds between giving up on the answer and killing the command
 
-    def __init__(self, host: DockerHost, container: str):
+    def __init__(self, host: DockerHost, container: str, container_id: str = ""):
         self.host = host
         self.container = container
-        self.wrap = True
+        self.container_id = container_id
 
     def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
                  on_stdout: Callable[[bytes], None] | None = None) -> str:
-        if self.wrap:
+        known = (self.container, self.container_id)
+        if known not in self.host.without_timeout:
             # Killed in the container soon after the exec stops waiting: the measurement's deadline.
             limit = math.ceil(deadline.left(timeout or self.host.timeout)) + self.GRACE
             result = self.host.exec(self.container, ["timeout", "-s", "KILL", str(limit), "buildctl", *args],
@@ -60,7 +62,7 @@ class ContainerBuildctl:
                 if result.exit_code != 0:
                     raise CommandFailed(["buildctl", *args], result.exit_code, result.stderr or result.stdout)
                 return result.stdout
-            self.wrap = False
+            self.host.without_timeout.add(known)
         return self.host.exec_checked(self.container, ["buildctl", *args], timeout, retry, on_stdout)
 
 
@@ -176,12 +178,24 @@ class BuildctlClient:
     cache, so every figure is the whole's), split in two until each part fits, and the split is
     remembered for this builder: `parts`."""
 
-    def __init__(self, run: Runner):
+    def __init__(self, run: Runner, memory: dict[str, Any] | None = None):
         self.run = run
         self._json_du = True
         self._json_workers = True
         self._json_prune = True
-        self.parts: tuple[IdRange, ...] = WHOLE
+        # What was learned of this builder, kept where it outlives this client (a Docker host keeps
+        # it per container, across the discoveries that make new clients).
+        self.memory = memory if memory is not None else {}
+
+    @property
+    def parts(self) -> tuple[IdRange, ...]:
+        """The parts `du` is asked in (WHOLE: the answer whole)."""
+        parts: tuple[IdRange, ...] = self.memory.get("parts", WHOLE)
+        return parts
+
+    @parts.setter
+    def parts(self, value: tuple[IdRange, ...]) -> None:
+        self.memory["parts"] = value
 
     def _in_parts(self, decode_part: Callable[[str], list[T]]) -> Iterator[T]:
         """Every record, part by part (each decoded when the one before is used up)."""

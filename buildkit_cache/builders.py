@@ -221,7 +221,9 @@ class ContainerBuilder(Builder):
         self.container_state_dir = state_dir
         self.container_id = container_id
         self.container_state = container_state
-        self.buildctl = BuildctlClient(ContainerBuildctl(host, ref.container)) if ref.container else None
+        self.buildctl = (BuildctlClient(ContainerBuildctl(host, ref.container, container_id),
+                                        host.learned.setdefault((ref.container, container_id), {}))
+                         if ref.container else None)
         if ref.container:
             self.measurements = (RECORDS, GC_POLICY, STATE_VOLUME, FILESYSTEM)
         else:

@@ -4,6 +4,7 @@ and default written once here, read and written back by `config_reader`."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 from dataclasses import dataclass
@@ -192,6 +193,12 @@ class BuilderConfig:
             raise Invalid(f"expected an absolute path, got {self.state_dir!r}", "state_dir")
 
 
+# The keys of exporter.intervals: discovery, the safety refresh, and each measurement's interval
+# (buildkit_cache.exporter.measurements holds their defaults; a test holds the two lists equal). Checked
+# here, so that both programs refuse the same typo.
+INTERVAL_NAMES = ("discovery", "refresh", "records", "gc_policy", "filesystem", "state_volume")
+
+
 @dataclass(frozen=True)
 class ExporterConfig:
     # Loopback unless told otherwise: builder names can carry an ssh user and an address.
@@ -204,6 +211,12 @@ class ExporterConfig:
     idle_windows: tuple[float, ...] = setting((3600.0, 86400.0, 7 * 86400.0, 30 * 86400.0), kind=POSITIVE_DURATION)
 
     def check(self) -> ExporterConfig:
+        for name in self.intervals:
+            if name not in INTERVAL_NAMES:
+                close = difflib.get_close_matches(name, INTERVAL_NAMES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise Invalid(f"unknown key{hint}; allowed here: {', '.join(sorted(INTERVAL_NAMES))}",
+                              f"intervals.{name}")
         windows = tuple(sorted(set(self.idle_windows)))
         return dataclasses.replace(self, idle_windows=windows or ExporterConfig().idle_windows)
 

@@ -93,6 +93,10 @@ class DockerHost:
         # Commands given up on while still running in their container, by (container, argv): their
         # exec id, so that no second one is started beside a hung first one.
         self._given_up: dict[tuple[str, tuple[str, ...]], str] = {}
+        # Builder containers (name, id) whose image has no `timeout` (buildctl.ContainerBuildctl), and
+        # what was learned of each container's buildctl (buildctl.BuildctlClient.memory).
+        self.without_timeout: set[tuple[str, str]] = set()
+        self.learned: dict[tuple[str, str], dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         return f"DockerHost({self.name!r}, {self.url!r})"

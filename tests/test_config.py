@@ -67,7 +67,7 @@ def test_docker_host_env_is_the_default(monkeypatch):
 def test_full_example_config_loads():
     cfg = load(str(ROOT / "deploy" / "config.example.yml"))
     assert cfg.budget_for("local", "kamal-remote-ssh---root-10-0-0-5") == 20_000_000_000
-    assert cfg.exporter.intervals["state_volume"] == 300 and cfg.exporter.intervals["refresh"] == 600
+    assert cfg.exporter.intervals["state_volume"] == 300 and cfg.exporter.intervals["refresh"] == 3600
     assert cfg.actuator.actions["prune-idle"].idle_for == 7 * 86400
 
 
@@ -82,6 +82,7 @@ def test_remote_builder_gets_its_host_label_from_the_address():
     ({"exporter": {"listn": ":9862"}}, r"exporter.listn: unknown key \(did you mean 'listen'\?\)"),
     ({"exporter": {"intervals": {"records": "fast"}}}, r"exporter.intervals.records: expected a duration like 30s"),
     ({"exporter": {"intervals": {"records": "0s"}}}, r"exporter.intervals.records: expected a duration above zero"),
+    ({"exporter": {"intervals": {"recrods": "30s"}}}, r"exporter.intervals.recrods: unknown key \(did you mean 'records'\?\)"),
     ({"builders": {"kamal": {"budget": "lots"}}}, r"builders.kamal.budget: expected a size like 5GB or 512MiB, got 'lots'"),
     ({"builders": {"kamal": {"budget": "5GB", "actions": ["prune-everything"]}}},
      r"builders.kamal.actions\[0\]: unknown action 'prune-everything'; actions are: prune-all, prune-idle, prune-to-budget"),
@@ -291,3 +292,26 @@ def test_an_alias_bomb_or_a_huge_file_is_refused_quickly(tmp_path):
         with pytest.raises(ConfigError, match=message):
             load(str(path))
         assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.slow  # starts the programs
+def test_both_programs_refuse_the_same_interval_typo(tmp_path):
+    """One config, one verdict: exporter.intervals is checked where the file is read, not by the
+    exporter alone."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("exporter: {intervals: {state_volme: 5m}}\nactuator: {state_file: ''}\n")
+    for module in ("buildkit_cache.exporter", "buildkit_cache.actuator"):
+        done = subprocess.run([sys.executable, "-m", module, "--config", str(cfg), "--check-config"],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 2, (module, done.stderr)
+        assert "exporter.intervals.state_volme: unknown key (did you mean 'state_volume'?)" in done.stderr, module
+
+
+def test_the_interval_names_the_config_admits_are_the_exporters():
+    from buildkit_cache.config import INTERVAL_NAMES
+    from buildkit_cache.exporter.measurements import BY_NAME, DISCOVERY, REFRESH
+
+    assert set(INTERVAL_NAMES) == {DISCOVERY, REFRESH, *BY_NAME}
