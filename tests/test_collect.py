@@ -20,6 +20,17 @@ from tests.support.recorded import RecordedBuilder, StaticInventory
 FAST = {"records": "100ms", "gc_policy": "100ms", "state_volume": "100ms", "filesystem": "100ms"}
 
 
+@pytest.fixture(autouse=True)
+def still_disk(monkeypatch):
+    """The disk under the state stands still (this machine's own moves with whatever else runs, and
+    a disk that moved is a reason to walk the state volume: tested below with its own stand-in)."""
+    from buildkit_cache.exporter import collect
+    from buildkit_cache.models import FilesystemUsage
+
+    monkeypatch.setattr(collect, "statvfs_usage", lambda path: FilesystemUsage(
+        size_bytes=100 * 2**30, avail_bytes=50 * 2**30, files=1000, files_free=500, free_bytes=50 * 2**30))
+
+
 def config(**intervals):
     return parse_config({"exporter": {"intervals": {**FAST, "refresh": "1h", **intervals}}})
 
