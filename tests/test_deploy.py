@@ -57,7 +57,7 @@ def test_the_route_sends_actions_to_the_actuator_with_bearer_auth():
     cfg = yaml.safe_load((DEPLOY / "alerts" / "alertmanager.yml").read_text())
     (route,) = [r for r in cfg["route"]["routes"] if r["receiver"] == "buildkit-actuator"]
     assert route["matchers"] == ['buildkit_action=~".+"']
-    assert route["group_by"] == ["instance", "host", "builder"]
+    assert route["group_by"] == ["instance", "namespace", "pod", "host", "builder"]  # one incident per pod too
     (receiver,) = [r for r in cfg["receivers"] if r["name"] == "buildkit-actuator"]
     hook = receiver["webhook_configs"][0]
     assert hook["send_resolved"] is True
