@@ -28,6 +28,8 @@ PROG = "buildkit-cache-actuator"
 # Where the shipped units (deploy/systemd) and the README keep the config: --cooldowns and
 # --clear-cooldown read it when no --config is given, so they see the running service's state file.
 SERVICE_CONFIG = "/etc/buildkit-cache/config.yml"
+# Set from the downward API by deploy/kubernetes: the pod this actuator runs in, whose alerts alone it takes.
+POD_ENV = ("BUILDKIT_CACHE_POD_NAMESPACE", "BUILDKIT_CACHE_POD_NAME")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +70,16 @@ def setup_logging(level: str) -> None:
     audit.addHandler(handler)
     audit.propagate = False
     audit.setLevel(logging.INFO)
+
+
+def _this_pod(prog: str) -> tuple[str, str] | tuple[()] | None:
+    """(namespace, name) of the pod from the environment; None outside a pod; () when half set."""
+    namespace, name = (os.environ.get(v, "") for v in POD_ENV)
+    if bool(namespace) != bool(name):
+        print(f"{prog}: {POD_ENV[0]} and {POD_ENV[1]} go together (deploy/kubernetes sets both from the downward "
+              "API): set both or neither", file=sys.stderr)
+        return ()
+    return (namespace, name) if name else None
 
 
 def _service_config(prog: str) -> str | None:
@@ -149,13 +161,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if problem := missing_buildctl(cfg):
         logging.getLogger(prog).warning("%s", problem)
+    pod = _this_pod(prog)
+    if pod == ():
+        return 2
     dry_run = args.dry_run or cfg.actuator.dry_run
     metrics = ActuatorMetrics(list(cfg.actuator.enabled_actions))
     recorder = Recorder(audit, metrics)
-    service = ActuatorService(cfg, Inventory(cfg), recorder, dry_run=dry_run, state=state)
+    service = ActuatorService(cfg, Inventory(cfg), recorder, dry_run=dry_run, state=state, pod=pod or None)
     app = make_app(service, credentials, recorder, cfg.actuator.max_body)
-    started = "listening on {}://{}:{}{}; actions: {}; cooldown {:g}s{}".format(
+    started = "listening on {}://{}:{}{}; actions: {}; cooldown {:g}s{}{}".format(
         "https" if ssl_context else "http", host, port, "" if credentials.enabled else " WITHOUT AUTHENTICATION",
         ", ".join(sorted(cfg.actuator.enabled_actions)), cfg.actuator.cooldown,
+        f"; alerts about pod {pod[1]} in namespace {pod[0]} only" if pod else "",
         "; DRY-RUN: nothing will be pruned" if dry_run else "")
     return serve(app, PROG, (host, port), started, ssl_context, drain=service.drain)

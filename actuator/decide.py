@@ -43,9 +43,11 @@ EXPIRED = "expired"  # the alert ended (endsAt in the past): an old notification
 LOOKUP_FAILED = "builder_lookup_failed"  # the Docker host could not be asked: answered 503, retried
 STATE_FAILED = "state_unwritable"  # the claim could not be recorded: answered 503, retried
 AUDIT_FAILED = "audit_unwritable"  # the prune could not be put on record first: answered 503, retried
+OTHER_POD = "other_pod"  # the alert is about another pod than this actuator's (Kubernetes)
 RETRY_LATER = (LOOKUP_FAILED, STATE_FAILED, AUDIT_FAILED)
 DECISIONS = (ACCEPTED, RESOLVED, NO_ACTION, UNKNOWN_ACTION, MISSING_BUILDER, NOT_ALLOWED, NO_BUDGET,
-             COOLDOWN, BUSY, UNKNOWN_BUILDER, BUILDER_CHANGED, EXPIRED, LOOKUP_FAILED, STATE_FAILED, AUDIT_FAILED)
+             COOLDOWN, BUSY, UNKNOWN_BUILDER, BUILDER_CHANGED, EXPIRED, LOOKUP_FAILED, STATE_FAILED, AUDIT_FAILED,
+             OTHER_POD)
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,13 @@ def prune_request(action: Action, budget: int | None) -> PruneRequest:
 
 
 def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], BuilderRef] | None,
-           changed_since: float | None = None, now: float | None = None) -> Decision:
+           changed_since: float | None = None, now: float | None = None,
+           pod: tuple[str, str] | None = None) -> Decision:
     """The decision for one alert, before claims. `builders`: the builders the hosts have now, by
     their (host, builder) labels; None when the alert's host could not be asked (not decided here).
-    `changed_since`: when the alert's builder name came to mean another builder, if it did."""
+    `changed_since`: when the alert's builder name came to mean another builder, if it did.
+    `pod`: (namespace, name) of the pod this actuator runs in, as a sidecar of its buildkitd: every
+    such pod's builder has the same host and builder labels, so an alert must name the pod too."""
     fp = alert.fingerprint
     name = alert.labels.get(ACTION_LABEL)
     actions = cfg.actuator.enabled_actions
@@ -117,6 +122,11 @@ def decide(alert: Alert, cfg: Config, builders: Mapping[tuple[str, str], Builder
                         action, host, builder, fingerprint=fp)
     if not name:
         return Decision(NO_ACTION, f"the alert has no {ACTION_LABEL} label", fingerprint=fp)
+    if pod is not None and (alert.labels.get("namespace"), alert.labels.get("pod")) != pod:
+        said = f"pod {alert.labels.get('pod', '')[:64]!r} in namespace {alert.labels.get('namespace', '')[:64]!r}"
+        return Decision(OTHER_POD, f"the alert is about {said}; this actuator prunes pod {pod[1]} in namespace "
+                        f"{pod[0]} only (a route that sends it here is wrong: see docs/actuator.md, Kubernetes)",
+                        action, host, builder, fingerprint=fp)
     if action is None:
         return Decision(UNKNOWN_ACTION, f"unknown action {name[:64]!r}; configured actions: "
                         f"{', '.join(sorted(actions))}", fingerprint=fp)

@@ -111,8 +111,9 @@ class Directory:
 class ActuatorService:
     def __init__(self, cfg: Config, inventory: BuilderSource, recorder: Recorder, *, dry_run: bool,
                  clock: Callable[[], float] = time.time, max_pending: int = 64,
-                 state: MemoryState | StateFile | None = None):
+                 state: MemoryState | StateFile | None = None, pod: tuple[str, str] | None = None):
         self.cfg = cfg
+        self.pod = pod  # (namespace, name) when it runs beside its buildkitd in a pod
         self.recorder = recorder
         self.dry_run = dry_run
         self.max_pending = max_pending
@@ -189,7 +190,7 @@ class ActuatorService:
             host, name = alert.labels.get("host", ""), alert.labels.get("builder", "")
             builders = await self.directory.lookup(host, name) if alert.firing and host and name else {}
             refs = None if builders is None else {k: b.ref for k, b in builders.items()}
-            d = D.decide(alert, self.cfg, refs, self.directory.changed_since(host, name))
+            d = D.decide(alert, self.cfg, refs, self.directory.changed_since(host, name), pod=self.pod)
             # Off the event loop: the state file's lock may be held elsewhere (it waits a bounded time).
             d = await self._state_call(self.claims.settle, d, not self.dry_run)
             if d.accepted:

@@ -120,6 +120,24 @@ def decide(**kw):
     return D.decide(parse_notification(notification(alert(**kw))).alerts[0], parse_config(CFG), refs)
 
 
+def test_an_actuator_in_a_pod_takes_alerts_about_its_own_pod_only():
+    """On Kubernetes every buildkitd pod's builder is host=remote, builder=buildkitd: the pod labels
+    tell them apart. An alert about another pod, or about no pod, is refused, never acted on."""
+    refs = {("h1", "kamal"): BuilderRef("h1", "kamal", DRIVER_CONTAINER)}
+
+    def decide_in(this, **labels):
+        n = parse_notification(notification(alert(**labels)))
+        return D.decide(n.alerts[0], parse_config(CFG), refs, pod=this)
+
+    mine = ("ci", "buildkitd-1")
+    assert decide_in(mine, namespace="ci", pod="buildkitd-1").accepted
+    other = decide_in(mine, namespace="ci", pod="buildkitd-0")
+    assert other.decision == D.OTHER_POD and "'buildkitd-0'" in other.reason and "buildkitd-1" in other.reason
+    assert decide_in(mine, namespace="build", pod="buildkitd-1").decision == D.OTHER_POD
+    assert decide_in(mine).decision == D.OTHER_POD  # no pod named: not this one's
+    assert decide_in(None, namespace="ci", pod="buildkitd-0").accepted  # outside a pod, the labels are labels
+
+
 def test_decisions():
     d = decide()
     assert d.accepted and d.request == PruneRequest(keep_storage=20_000_000)
