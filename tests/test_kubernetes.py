@@ -6,6 +6,7 @@ PrometheusRule equal to deploy/alerts/, and the pod's parts agreeing with the co
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,10 @@ from buildkit_cache.config import load
 ROOT = Path(__file__).resolve().parent.parent
 KUBE = ROOT / "deploy" / "kubernetes"
 K8S_VERSION = "1.37.0"
+# The oldest Kubernetes the manifests are for (appArmorProfile, buildkitd's, is a field from 1.30):
+# validated strictly on every minor release from it to K8S_VERSION. README says so.
+MIN_K8S = (1, 30)
+K8S_VERSIONS = [f"1.{minor}.0" for minor in range(MIN_K8S[1], 38)]
 
 # The Prometheus Operator's CRD schemas (monitoring.coreos.com/v1, as of operator 0.82), cut down to
 # the fields these manifests use, each level closed: a misspelt or misplaced field fails.
@@ -64,22 +69,38 @@ def kubectl() -> str:
     return found
 
 
-def render(overlay: str) -> list[dict]:
-    done = subprocess.run([kubectl(), "kustomize", str(KUBE / overlay)], capture_output=True, text=True, timeout=60)
+def render(overlay: str, tmp: Path | None = None) -> list[dict]:
+    """An overlay of deploy/kubernetes, or "base+<component>,...": the base with those components,
+    as a user's own kustomization would take them (written in `tmp`)."""
+    target = KUBE / overlay
+    extra = []
+    if "+" in overlay:
+        assert tmp is not None
+        base, components = overlay.split("+", 1)
+        tmp.mkdir(parents=True, exist_ok=True)
+        rel = lambda p: os.path.relpath(KUBE / p, tmp)  # noqa: E731
+        (tmp / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [rel(base)],
+            "components": [rel(f"components/{c}") for c in components.split(",")]}))
+        target, extra = tmp, ["--load-restrictor", "LoadRestrictionsNone"]
+    done = subprocess.run([kubectl(), "kustomize", *extra, str(target)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-def validate(obj: dict) -> None:
+def validate(obj: dict, version: str = K8S_VERSION) -> None:
     if obj["kind"] in CRDS:
         jsonschema.validate(obj, CRDS[obj["kind"]])
     else:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
-@pytest.fixture(scope="module", params=["base", "with-actuator"])
-def rendered(request) -> list[dict]:
-    return render(request.param)
+RENDERINGS = ["base", "with-actuator", "base+complete-walk", "base+actuator,complete-walk"]
+
+
+@pytest.fixture(scope="module", params=RENDERINGS)
+def rendered(request, tmp_path_factory) -> list[dict]:
+    return render(request.param, tmp_path_factory.mktemp("overlay"))
 
 
 def by_kind(objs: list[dict], kind: str) -> dict:
@@ -87,10 +108,73 @@ def by_kind(objs: list[dict], kind: str) -> dict:
     return obj
 
 
-def test_every_object_passes_strict_validation(rendered):
+def test_every_object_passes_strict_validation_from_the_oldest_kubernetes_to_the_newest(rendered):
     assert sorted(o["kind"] for o in rendered) == ["ConfigMap", "PodMonitor", "PrometheusRule", "Service", "StatefulSet"]
-    for obj in rendered:
-        validate(obj)
+    for version in K8S_VERSIONS:
+        for obj in rendered:
+            validate(obj, version)
+
+
+def test_the_oldest_kubernetes_stated_is_the_oldest_that_takes_them():
+    sts = by_kind(render("base"), "StatefulSet")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(sts, f"1.{MIN_K8S[1] - 1}.0")
+    assert f"Kubernetes 1.{MIN_K8S[1]}" in (ROOT / "README.md").read_text()
+
+
+def pod_of(rendered: list[dict]) -> dict:
+    return by_kind(rendered, "StatefulSet")["spec"]["template"]["spec"]
+
+
+def ours(rendered: list[dict]) -> list[dict]:
+    """The project's containers (not buildkitd)."""
+    return [c for c in pod_of(rendered)["containers"] if c["name"] != "buildkitd"]
+
+
+def test_every_rendering_gives_the_projects_containers_one_rewritten_image(rendered):
+    images = {c["image"] for c in ours(rendered)}
+    assert len(images) == 1, images
+    (image,) = images
+    assert "/" in image and ":" in image and not image.startswith("buildkit-cache-exporter"), image
+
+
+def test_the_projects_containers_meet_pod_security_restricted(rendered):
+    pod = pod_of(rendered)
+    walk = any(
+        "DAC_READ_SEARCH" in c["securityContext"]["capabilities"].get("add", []) for c in ours(rendered))
+    for c in ours(rendered):
+        sc = c["securityContext"]
+        seccomp = sc.get("seccompProfile") or pod.get("securityContext", {}).get("seccompProfile")
+        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"], c["name"]
+        assert seccomp == {"type": "RuntimeDefault"}, c["name"]
+        assert sc["capabilities"]["drop"] == ["ALL"], c["name"]
+        if c["name"] == "exporter" and walk:  # components/complete-walk: "baseline", by design
+            assert sc["capabilities"]["add"] == ["DAC_READ_SEARCH"] and sc["allowPrivilegeEscalation"]
+        else:
+            assert sc.get("capabilities", {}).get("add", []) in ([], ["NET_BIND_SERVICE"]), c["name"]
+            assert sc["allowPrivilegeEscalation"] is False, c["name"]
+    assert pod["automountServiceAccountToken"] is False
+    # A fresh claim's root is buildkitd's group's to write (rootless, uid 1000).
+    assert pod["securityContext"]["fsGroup"] == 1000
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_both_programs_are_scraped_and_the_actuator_is_given_time_to_drain(rendered):
+    from buildkit_cache.actuator.service import DRAIN_TIMEOUT
+
+    endpoints = by_kind(rendered, "PodMonitor")["spec"]["podMetricsEndpoints"]
+    ports = {c["name"]: [p["name"] for p in c.get("ports", [])] for c in pod_of(rendered)["containers"]}
+    jobs = {e["port"]: next(r["replacement"] for r in e["relabelings"] if r["targetLabel"] == "job") for e in endpoints}
+    for e in endpoints:  # the series of a pod stay its own when it is rescheduled
+        assert {"sourceLabels": ["__meta_kubernetes_pod_name"], "targetLabel": "instance"} in e["relabelings"]
+    if "actuator" in ports:
+        assert jobs == {"metrics": "buildkit-cache-exporter", "actuator": "buildkit-cache-actuator"}
+        assert pod_of(rendered)["terminationGracePeriodSeconds"] >= DRAIN_TIMEOUT + 15
+        actuator = next(c for c in ours(rendered) if c["name"] == "actuator")
+        env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in actuator["env"]}
+        assert env == {"BUILDKIT_CACHE_POD_NAMESPACE": "metadata.namespace", "BUILDKIT_CACHE_POD_NAME": "metadata.name"}
+    else:
+        assert jobs == {"metrics": "buildkit-cache-exporter"}
 
 
 def test_validation_refuses_an_unknown_field(rendered):
@@ -136,10 +220,10 @@ def test_the_pod_agrees_with_its_config(rendered, tmp_path):
     assert exporter["ports"] == [{"name": "metrics", "containerPort": cfg.exporter.listen[1]}]
     assert cfg.exporter.listen[0] == "0.0.0.0"  # a pod's port is reached from outside it
     # prometheus-community conventions: non-root, read-only root, no privileges, probes, resources left to the user.
-    for c in ours:
+    for c in ours:  # (their Pod Security: test_the_projects_containers_meet_pod_security_restricted)
         sc = c["securityContext"]
-        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], c["name"]
-        assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsUser"] == buildkitd["securityContext"]["runAsUser"]
+        assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"], c["name"]
+        assert sc["runAsUser"] == buildkitd["securityContext"]["runAsUser"]
         assert c["readinessProbe"] and c["livenessProbe"] and "resources" not in c
     if "actuator" in containers:
         actuator = containers["actuator"]

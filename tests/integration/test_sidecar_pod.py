@@ -28,6 +28,7 @@ import shutil
 import stat
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -124,36 +125,56 @@ def quiet(mountpoint: str) -> tuple[int, int, int]:
     return seen[-1]
 
 
-def test_the_exporter_as_a_rootless_buildkitds_sidecar_reports_its_records_state_and_disk(dockerd, wheelhouse,
-                                                                                          tmp_path):
-    base = import_tree(dockerd, BASE_TREE, "bkce-sidecar-base:test", tmp_path)
-    done = build_shipped_image(dockerd, tmp_path, TAG, base, wheelhouse)
+@pytest.fixture(scope="module")
+def shipped(dockerd, wheelhouse, tmp_path_factory):
+    """The shipped image, built from the Dockerfile, and the rootless buildkitd's."""
+    work = tmp_path_factory.mktemp("shipped")
+    base = import_tree(dockerd, BASE_TREE, "bkce-sidecar-base:test", work)
+    done = build_shipped_image(dockerd, work, TAG, base, wheelhouse)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    image = buildkit.build_rootless_image(dockerd, tmp_path)
+    yield buildkit.build_rootless_image(dockerd, work)
+    dockerd.cli("rmi", TAG, "bkce-sidecar-base:test", check=False)
+
+
+def start_rootless(dockerd: PrivateDockerd, name: str, state_dir: str, sock_dir: str, address: str, image: str) -> None:
+    """A rootless buildkitd container as the pod's: its state and socket on volumes of its own.
+    (`--cap-add SYS_ADMIN`: this machine's kernel needs it for newuidmap, see the module's text.)"""
+    dockerd.cli("run", "-d", "--name", name, "--security-opt", "seccomp=unconfined",
+                "--security-opt", "apparmor=unconfined", "--cap-add", "SYS_ADMIN", "--network", "none",
+                "-v", f"{name}-state:{state_dir}", "-v", f"{name}-socket:{sock_dir}", image,
+                "--addr", address, "--oci-worker-no-process-sandbox")
+    wait_for(f"the rootless buildkitd {name}", lambda: dockerd.cli("exec", name, "buildctl", "debug", "workers",
+                                                                   check=False).returncode == 0, timeout=60)
+
+
+def build_in(dockerd: PrivateDockerd, name: str, ctx: Path, inside: str) -> None:
+    dockerd.cli("cp", str(ctx), f"{name}:{inside}")
+    dockerd.cli("exec", name, "buildctl", "build", "--frontend", "dockerfile.v0",
+                "--local", f"context={inside}", "--local", f"dockerfile={inside}")
+
+
+def apt_like_context(ctx: Path, i: int) -> Path:
+    ctx.mkdir()
+    shutil.copy(buildkit.lab_busybox(), ctx / "busybox")
+    (ctx / "data.bin").write_bytes(os.urandom(1024 * 1024 * (i + 1)))
+    (ctx / "Dockerfile").write_text(DOCKERFILE.replace("{kib}", str(1024 * (i + 1))))
+    return ctx
+
+
+def test_the_exporter_as_a_rootless_buildkitds_sidecar_reports_its_records_state_and_disk(dockerd, shipped,
+                                                                                          tmp_path):
+    image = shipped
     cfg = yaml.safe_load(shipped_config())
     (name, builder), = cfg["builders"].items()
     state_dir, sock_dir = builder["state_dir"], os.path.dirname(builder["address"].removeprefix("unix://"))
     assert (state_dir, builder["address"]) == (buildkit.ROOTLESS_STATE, f"unix://{buildkit.ROOTLESS_SOCKET}")
     containers = ["buildkitd"]
     try:
-        dockerd.cli("run", "-d", "--name", "buildkitd", "--security-opt", "seccomp=unconfined",
-                    "--security-opt", "apparmor=unconfined", "--cap-add", "SYS_ADMIN", "--network", "none",
-                    "-v", f"bk-state:{state_dir}", "-v", f"bk-socket:{sock_dir}", image,
-                    "--addr", builder["address"], "--oci-worker-no-process-sandbox")
-        wait_for("the rootless buildkitd", lambda: dockerd.cli("exec", "buildkitd", "buildctl", "debug", "workers",
-                                                               check=False).returncode == 0, timeout=60)
+        start_rootless(dockerd, "buildkitd", state_dir, sock_dir, builder["address"], image)
         # Real builds in it: two images' worth of layers, each with apt-like 0700 directories of user 42.
-        for i, kib in enumerate((1024, 2048)):
-            ctx = tmp_path / f"ctx{i}"
-            ctx.mkdir()
-            shutil.copy(buildkit.lab_busybox(), ctx / "busybox")
-            (ctx / "data.bin").write_bytes(os.urandom(1024 * 1024 * (i + 1)))
-            (ctx / "Dockerfile").write_text(DOCKERFILE.replace("{kib}", str(kib)))
-            inside = f"/home/user/.local/tmp/ctx{i}"
-            dockerd.cli("cp", str(ctx), f"buildkitd:{inside}")
-            dockerd.cli("exec", "buildkitd", "buildctl", "build", "--frontend", "dockerfile.v0",
-                        "--local", f"context={inside}", "--local", f"dockerfile={inside}")
-        mountpoint = json.loads(dockerd.cli("volume", "inspect", "bk-state").stdout)[0]["Mountpoint"]
+        for i in range(2):
+            build_in(dockerd, "buildkitd", apt_like_context(tmp_path / f"ctx{i}", i), f"/home/user/.local/tmp/ctx{i}")
+        mountpoint = json.loads(dockerd.cli("volume", "inspect", "buildkitd-state").stdout)[0]["Mountpoint"]
         size, files, unreadable = quiet(mountpoint)
         assert unreadable >= 4, "the builds left directories of a shifted user that uid 1000 may not read"
 
@@ -162,8 +183,8 @@ def test_the_exporter_as_a_rootless_buildkitds_sidecar_reports_its_records_state
         def sidecar(cname: str, *security: str) -> dict:
             containers.append(cname)
             dockerd.cli("run", "-d", "--name", cname, "--network", "container:buildkitd", "--user", "1000:1000",
-                        "--read-only", "--tmpfs", "/tmp", *security, "-v", f"bk-state:{state_dir}:ro",
-                        "-v", f"bk-socket:{sock_dir}", "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
+                        "--read-only", "--tmpfs", "/tmp", *security, "-v", f"buildkitd-state:{state_dir}:ro",
+                        "-v", f"buildkitd-socket:{sock_dir}", "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
                         TAG, "--config", "/etc/buildkit-cache/config.yml")
             wait_for("the sidecar's figures", lambda: get(metrics(dockerd, cname), "buildkit_cache_measurement_success",
                                                           builder=name, measurement="state_volume") is not None,
@@ -216,7 +237,7 @@ def test_the_exporter_as_a_rootless_buildkitds_sidecar_reports_its_records_state
         dockerd.cli("run", "-d", "--name", "actuator", "--network", "container:buildkitd", "--user", "1000:1000",
                     "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--tmpfs", "/tmp",
                     "--tmpfs", "/var/log/buildkit-cache-actuator:uid=1000",
-                    "--tmpfs", "/var/lib/buildkit-cache-actuator:uid=1000", "-v", f"bk-socket:{sock_dir}",
+                    "--tmpfs", "/var/lib/buildkit-cache-actuator:uid=1000", "-v", f"buildkitd-socket:{sock_dir}",
                     "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
                     "-v", f"{token}:/etc/buildkit-cache-token:ro",
                     "--entrypoint", "buildkit-cache-actuator", TAG, "--config", "/etc/buildkit-cache/config.yml")
@@ -244,5 +265,69 @@ def test_the_exporter_as_a_rootless_buildkitds_sidecar_reports_its_records_state
         raise
     finally:
         dockerd.cli("rm", "-f", *containers, check=False)
-        dockerd.cli("volume", "rm", "bk-state", "bk-socket", check=False)
-        dockerd.cli("rmi", TAG, "bkce-sidecar-base:test", check=False)
+        dockerd.cli("volume", "rm", "buildkitd-state", "buildkitd-socket", check=False)
+
+
+def test_an_alert_about_one_pod_prunes_that_pod_and_another_pods_actuator_refuses_it(dockerd, shipped, tmp_path):
+    """Two buildkitd pods of one StatefulSet (buildkitd-0, buildkitd-1), each with its actuator as the
+    actuator component runs it (the downward API's namespace and pod name in its environment). The
+    same alert, about buildkitd-1, sent to both: buildkitd-1's actuator prunes its own buildkitd;
+    buildkitd-0's refuses it (other_pod) and its buildkitd keeps every record."""
+    cfg = yaml.safe_load(shipped_config())
+    (name, builder), = cfg["builders"].items()
+    state_dir, sock_dir = builder["state_dir"], os.path.dirname(builder["address"].removeprefix("unix://"))
+    (tmp_path / "config.yml").write_text(yaml.safe_dump(cfg))
+    token = tmp_path / "token"
+    token.mkdir()
+    (token / "actuator-token").write_text("pods-token\n")
+    (token / "actuator-token").chmod(0o644)
+    pods = ("buildkitd-0", "buildkitd-1")
+    containers: list[str] = []
+    try:
+        for i, pod in enumerate(pods):
+            start_rootless(dockerd, pod, state_dir, sock_dir, builder["address"], shipped)
+            containers.append(pod)
+            build_in(dockerd, pod, apt_like_context(tmp_path / f"ctx-{pod}", i), "/home/user/.local/tmp/ctx")
+            containers.append(f"{pod}-actuator")
+            dockerd.cli("run", "-d", "--name", f"{pod}-actuator", "--network", f"container:{pod}",
+                        "--user", "1000:1000", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+                        "--tmpfs", "/tmp", "--tmpfs", "/var/log/buildkit-cache-actuator:uid=1000",
+                        "--tmpfs", "/var/lib/buildkit-cache-actuator:uid=1000", "-v", f"{pod}-socket:{sock_dir}",
+                        "-v", f"{tmp_path / 'config.yml'}:/etc/buildkit-cache/config.yml:ro",
+                        "-v", f"{token}:/etc/buildkit-cache-token:ro",
+                        "-e", "BUILDKIT_CACHE_POD_NAMESPACE=ci", "-e", f"BUILDKIT_CACHE_POD_NAME={pod}",
+                        "--entrypoint", "buildkit-cache-actuator", TAG, "--config", "/etc/buildkit-cache/config.yml")
+
+        def du(pod: str) -> list[dict]:
+            return json.loads(dockerd.cli("exec", pod, "buildctl", "du", "--format", "json").stdout) or []
+
+        before = {pod: sorted(r["id"] for r in du(pod)) for pod in pods}
+        assert all(before.values())
+        alert = notification("prune-all", name, host="remote")
+        alert["alerts"][0]["labels"].update(namespace="ci", pod="buildkitd-1")
+        post = ("import sys, urllib.request; r = urllib.request.Request('http://127.0.0.1:9863/alerts', "
+                "data=sys.argv[1].encode(), headers={'Authorization': 'Bearer pods-token'}); "
+                "print(urllib.request.urlopen(r).read().decode())")
+        answers = {}
+        for pod in pods:
+            wait_for(f"{pod}'s actuator", lambda pod=pod: dockerd.cli(
+                "exec", f"{pod}-actuator", "python3", "-m", "buildkit_cache.healthcheck", check=False).returncode == 0,
+                timeout=60)
+            answers[pod] = json.loads(dockerd.cli("exec", f"{pod}-actuator", "python3", "-c", post,
+                                                  json.dumps(alert)).stdout)["alerts"][0]
+        assert answers["buildkitd-1"]["decision"] == "accepted", answers
+        assert answers["buildkitd-0"]["decision"] == "other_pod", answers
+        assert "'buildkitd-1'" in answers["buildkitd-0"]["reason"]
+
+        def audit(pod: str) -> list[dict]:
+            text = dockerd.cli("exec", f"{pod}-actuator", "cat", "/var/log/buildkit-cache-actuator/audit.jsonl",
+                               check=False).stdout.decode()
+            return [json.loads(line) for line in text.splitlines()]
+
+        wait_for("buildkitd-1's prune", lambda: [e for e in audit("buildkitd-1") if e["event"] == "pruned"], timeout=60)
+        assert [r for r in du("buildkitd-1") if not r["inUse"]] == []
+        assert sorted(r["id"] for r in du("buildkitd-0")) == before["buildkitd-0"]
+        assert not [e for e in audit("buildkitd-0") if e["event"] in ("started", "pruned")]
+    finally:
+        dockerd.cli("rm", "-f", *containers, check=False)
+        dockerd.cli("volume", "rm", *(f"{p}-{v}" for p in pods for v in ("state", "socket")), check=False)
