@@ -435,6 +435,16 @@ class Buildkitd:
         self.buildctl("build", "--frontend", "dockerfile.v0", "--local", f"context={context}",
                       "--local", f"dockerfile={context}")
 
+    def settle(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """`du` once no record is in use: buildctl returns before BuildKit has let go of a build's
+        records, and a measurement in between sees them in use."""
+        deadline = time.monotonic() + timeout
+        while True:
+            du = self.du()
+            if not any(r.get("inUse") for r in du) or time.monotonic() > deadline:
+                return du
+            time.sleep(0.2)
+
     def stop(self) -> None:
         import os
         import signal
