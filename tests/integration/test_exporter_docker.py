@@ -305,13 +305,25 @@ async def test_remote_buildkitd_is_measured_with_a_local_buildctl(dockerd, tmp_p
 
 
 def test_once_exits_1_and_says_why_when_docker_is_down(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--docker-host", f"unix://{tmp_path}/no.sock"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert done.returncode == 1
-    lines = done.stdout.splitlines()
-    assert lines[0] == "host local (unreachable)"  # a table for people, not the exposition
-    assert lines[-1].startswith("failed: 1: local: ") and "unreachable" in lines[-1]
-    assert "unreachable" in done.stderr
+    """No socket (Docker not installed or not started), and a socket left behind by a dockerd that
+    died (nothing listens): each says so, in the table and the log, and --once exits 1."""
+    import socket
+
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))  # bound, never listening: what a killed dockerd leaves
+    try:
+        for sock, says in ((tmp_path / "no.sock", "does not exist: is Docker running?"),
+                           (stale, "refused")):
+            done = subprocess.run([sys.executable, "-m", "buildkit_cache.exporter", "--once", "--docker-host",
+                                   f"unix://{sock}"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+            assert done.returncode == 1
+            lines = done.stdout.splitlines()
+            assert lines[0] == "host local (unreachable)"  # a table for people, not the exposition
+            assert lines[-1].startswith("failed: 1: local: ") and says in lines[-1], lines[-1]
+            assert str(sock) in lines[-1] and says in done.stderr
+    finally:
+        s.close()
 
 
 def test_once_exits_0_on_a_healthy_host(build_cache):
