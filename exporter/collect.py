@@ -301,7 +301,11 @@ class Collection:
         if m.name == STATE_VOLUME and look.disk is not None and mark.disk is not None:
             walked = self._result(key, STATE_VOLUME)
             size = walked.value.bytes if walked is not None and walked.success else 0
-            return abs(look.disk - mark.disk) > max(DISK_MOVED_RATIO * size, DISK_MOVED_BYTES)
+            moved = look.disk - mark.disk
+            if abs(moved) > max(DISK_MOVED_RATIO * size, DISK_MOVED_BYTES):
+                log.debug("builder %s/%s: state_volume due: the disk under it moved by %+d MB since the last walk",
+                          *key, moved // 1_000_000)
+                return True
         return False
 
     async def check(self, builder: Builder, force: bool = False) -> None:

@@ -28,6 +28,13 @@ def measured(svc: Service, builder: str, measurement: str) -> int:
     return svc.output().count(f"builder test/{builder}: {measurement} measured in")
 
 
+def walks_for_no_reason(svc: Service, builder: str) -> int:
+    """Walks of the state volume, less those for the disk under it having moved: the other tests
+    running beside this one write to the same disk, and a disk that moves is rightly walked."""
+    out = svc.output()
+    return measured(svc, builder, "state_volume") - out.count(f"builder test/{builder}: state_volume due: the disk under it moved")
+
+
 def engine_total(dockerd) -> int:
     return sum(r["Size"] for r in engine_get(dockerd, "/system/df").get("BuildCache") or [])
 
@@ -71,11 +78,11 @@ exporter:
 
         wait_for("the cache at rest", settled, timeout=60, every=0)
         calls, df = execs(), measured(svc, "default", "records")
-        walks = measured(svc, "rest", "state_volume")
+        walks = walks_for_no_reason(svc, "rest")
         time.sleep(6 * INTERVAL)
         assert execs() == calls, "a docker exec into an unchanged builder"
         assert measured(svc, "default", "records") == df, "a /system/df although nothing changed"
-        assert measured(svc, "rest", "state_volume") == walks, "a walk of an unchanged volume"
+        assert walks_for_no_reason(svc, "rest") == walks, "a walk of an unchanged volume"
         assert total("default") == engine_total(dockerd)
         assert total("rest") == rest.total()
 
