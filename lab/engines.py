@@ -188,6 +188,7 @@ class PrivateDockerd:
         self.pid = 0
         self._mnt_ns = 0
         self._tmpfs = False
+        self._data_tmpfs = False
 
     @property
     def containerd_root(self) -> Path:
@@ -202,6 +203,12 @@ class PrivateDockerd:
             raise RuntimeError(f"engine {self.engine.release} is not set up: run scripts/setup ({how})")
         for d in (self.data_root, self.exec_root):
             d.mkdir(parents=True, exist_ok=True)
+        if not self._data_tmpfs:
+            # The data root on a filesystem of its own, as /var/lib/docker often is: what the disk got
+            # back after a prune, or whether it moved, is this engine's alone, not the sum of every
+            # test writing to /tmp beside it. Pages are used only as written.
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8g", "bkce-docker", str(self.data_root)], check=True)
+            self._data_tmpfs = True
         config = self.root / "daemon.json"
         daemon: dict[str, Any] = {}
         # Docker 29 takes the containerd store by default (nothing said: what fresh installs get);
@@ -310,6 +317,9 @@ class PrivateDockerd:
         if self._tmpfs:
             subprocess.run(["umount", "-l", str(self.data_root / "containerd")], check=False)
             self._tmpfs = False
+        if self._data_tmpfs:
+            subprocess.run(["umount", "-l", str(self.data_root)], check=False)
+            self._data_tmpfs = False
         shutil.rmtree(self.root, ignore_errors=True)
 
     def tail_log(self, lines: int = 30) -> str:

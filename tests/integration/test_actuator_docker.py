@@ -94,7 +94,7 @@ def non_shared_bytes(dockerd) -> int:
 
 
 def disk_avail(dockerd) -> int:
-    """Bytes available on the filesystem holding the engine's snapshots (a tmpfs for containerd's)."""
+    """Bytes available on the filesystem holding the engine's snapshots (each a tmpfs of its own)."""
     path = (dockerd.containerd_root / "io.containerd.snapshotter.v1.overlayfs" if dockerd.engine.containerd_store
             else dockerd.data_root / "overlay2")
     st = os.statvfs(path)

@@ -1,5 +1,5 @@
-"""The image and the compose file as shipped, on Debian 13's and sid's engines (their CLIs have buildx
-and compose: 2.26 and 2.40).
+"""The image and the compose file as shipped, on Debian 13's, sid's and Docker 29's engines (their
+CLIs have buildx and compose: 2.26 and 2.40).
 
 The Dockerfile is built with no network inside the build (tests/support/image.py: stand-ins for the
 base image and BuildKit's, and a wheelhouse). Then the README's compose block runs as written
@@ -33,8 +33,10 @@ BASE = "bkce-python-base:test"
 PROJECT = "buildkit-cache"  # the compose file's name
 BUDGET = 12_000_000
 
-# The engines whose CLI has buildx and compose: Debian 13's (compose 2.26) and sid's (2.40).
-COMPOSE = [e for e in ENGINES if e.release in ("trixie", "sid") and not e.containerd_store]
+# The engines whose CLI has buildx and compose: Debian 13's (compose 2.26), sid's (2.40) and Docker
+# 29's (run with sid's CLI), each with its default image store.
+COMPOSE = [e for e in ENGINES if (e.release in ("trixie", "sid") and not e.containerd_store)
+           or (e.release == "docker29" and e.containerd_store)]
 pytestmark = [pytest.mark.integration,
               pytest.mark.parametrize("engine", COMPOSE, ids=[e.id for e in COMPOSE], indirect=True)]
 
