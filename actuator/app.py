@@ -48,7 +48,7 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
         return await handler(request)
 
     async def alerts(request: web.Request) -> web.Response:
-        refusal = service.refusal()
+        refusal = await service.refusal()
         if refusal:
             return _error(503, f"not accepting work right now ({refusal}); retry later")
         notification = await _read_notification(request, max_body, recorder)
@@ -64,7 +64,7 @@ def make_app(service: ActuatorService, credentials: Credentials, recorder: Recor
     async def healthz(_request: web.Request) -> web.Response:
         if not service.accepting:
             return web.Response(status=503, text="shutting down\n")
-        problem = service.recorder.audit.failure if not service.recorder.audit.writable() else None
+        problem = service.recorder.audit.failure if not await service.recorder.audit.check_writable() else None
         problem = problem or await service.state_problem() or await service.docker_problem()
         if problem:  # never ok while prunes cannot work
             return web.Response(status=503, text=f"cannot prune: {problem}\n")

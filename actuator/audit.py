@@ -3,6 +3,9 @@ configured, in a file, counted in the actuator's metrics by the same call."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -57,24 +60,63 @@ class AuditLog:
                 raise PermissionError(13, "Permission denied", path)
 
         self.pending: list[str] = []  # lines not yet in the file: written as soon as it can be
+        # Lines recorded and not yet taken by a write: appended without the lock (the event loop
+        # records, and must not wait behind a write to a slow disk), in order.
+        self._incoming: collections.deque[str] = collections.deque()
+        # The file is written by one thread of its own: the event loop never waits on the disk.
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit")
         self.failure = ""  # why the file cannot be written now ("" while it can)
         self.on_failure: Callable[[], None] = lambda: None
 
     def record(self, event: str, durable: bool = False, **fields: Any) -> dict[str, Any]:
-        """Append one line. `durable`: it is on disk (fsync) when this returns, or AuditError is
-        raised and the line is not kept: what must be on record before something is done."""
+        """Append one line. Without `durable` it is written by the audit thread, in order, and this
+        returns at once. `durable` (never on the event loop): it is on disk (fsync) when this
+        returns, with every line before it, or AuditError is raised and the line is not kept: what
+        must be on record before something is done."""
         entry = {"ts": round(self.clock(), 3), "event": event,
                  **{k: _clean(v) for k, v in fields.items() if v is not None}}
         line = json.dumps(entry, sort_keys=False, separators=(",", ":"))
         log.info(line)
-        if self.path:
-            with self._lock:
-                self.pending.append(line)
-                self._flush(durable)
-                if durable and self.failure:
-                    self.pending.remove(line)
-                    raise AuditError(self.failure)
+        if not self.path:
+            return entry
+        if not durable:
+            self._incoming.append(line)
+            with contextlib.suppress(RuntimeError):  # closed: close() wrote what was left
+                self._writer.submit(self._write_pending)
+            return entry
+        with self._lock:
+            self._take_incoming()
+            self.pending.append(line)
+            self._flush(durable)
+            if self.failure:
+                self.pending.remove(line)
+                raise AuditError(self.failure)
         return entry
+
+    def _take_incoming(self) -> None:
+        """Move recorded lines to `pending` (under the lock), oldest first."""
+        while self._incoming:
+            self.pending.append(self._incoming.popleft())
+
+    def _write_pending(self) -> None:
+        with self._lock:
+            self._take_incoming()
+            if self.pending:
+                self._flush()
+
+    def flush(self) -> None:
+        """Return once every line recorded so far was written (or found the file unwritable)."""
+        with contextlib.suppress(RuntimeError):
+            self._writer.submit(self._write_pending).result()
+
+    async def check_writable(self) -> bool:
+        """`writable()` in the audit thread, for the event loop."""
+        return await asyncio.wrap_future(self._writer.submit(self.writable))
+
+    def close(self) -> None:
+        """Write what is left and stop the audit thread."""
+        self._writer.shutdown(wait=True)
+        self._write_pending()
 
     def writable(self) -> bool:
         """Whether the file takes lines now, writing any it could not take before. The probe asks
@@ -83,6 +125,7 @@ class AuditLog:
         if not self.path:
             return True
         with self._lock:
+            self._take_incoming()
             self._flush()
             if not self.failure:
                 self._probe()

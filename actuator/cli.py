@@ -174,4 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ", ".join(sorted(cfg.actuator.enabled_actions)), cfg.actuator.cooldown,
         f"; alerts about pod {pod[1]} in namespace {pod[0]} only" if pod else "",
         "; DRY-RUN: nothing will be pruned" if dry_run else "")
-    return serve(app, PROG, (host, port), started, ssl_context, drain=service.drain)
+    try:
+        return serve(app, PROG, (host, port), started, ssl_context, drain=service.drain)
+    finally:
+        audit.close()  # the lines still on their way to the file

@@ -89,6 +89,7 @@ def clear(cfg: Config, prog: str, target: str) -> int:
     for host, builder, action in cleared:
         audit.record("cooldown_cleared", host=host, builder=builder, action=action, by="--clear-cooldown")
         print(f"cleared: {host}/{builder} {action}")
+    audit.close()
     for host, builder, action in running:
         print(f"{prog}: {host}/{builder} {action} is still running; its claim stays", file=sys.stderr)
     if not cleared and not running:

@@ -166,19 +166,16 @@ class ActuatorService:
             return f"state file: {exc}"
         return None
 
-    def refusal(self) -> str | None:
+    async def refusal(self) -> str | None:
         """Why no new work is taken now (answered 503, which Alertmanager retries), or None."""
         if not self.accepting:
             return "shutting down"
         if len(self.tasks) >= self.max_pending:
             return "too many prunes queued"
-        if not self.recorder.audit.writable():
+        if not await self.recorder.audit.check_writable():
             # No prune without an audit record.
             return self.recorder.audit.failure
         return None
-
-    def can_accept(self) -> bool:
-        return self.refusal() is None
 
     async def handle(self, notification: Notification) -> list[D.Decision]:
         """Decide each alert, start what is accepted, record everything."""

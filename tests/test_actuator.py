@@ -77,6 +77,7 @@ class Harness:
             await asyncio.wait(set(self.service.tasks))
 
     def audit_lines(self):
+        self.recorder.audit.flush()  # the audit thread writes the file: what was recorded so far
         return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
 
     def metric(self, name, **labels):
@@ -705,3 +706,30 @@ async def test_the_audit_probe_fails_where_a_real_line_would(harness, monkeypatc
     monkeypatch.undo()  # space again
     assert (await h.client.get("/healthz")).status == 200
     assert h.audit_path.stat().st_size >= size  # the probe left nothing behind but real lines
+
+
+def test_recording_an_audit_line_never_waits_for_the_disk(tmp_path):
+    """The event loop records decisions and outcomes: a write stuck on a stalled disk (here, the
+    audit thread holding the file's lock) must not stop it. The line is written once the disk
+    answers, in order; a durable line (before a prune) still waits for its fsync."""
+    import threading
+
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(str(path))
+    audit._lock.acquire()  # the audit thread in a write that does not return
+    try:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (audit.record("received", alerts=1), audit.record("skipped"),
+                                             done.set()))
+        t.start()
+        assert done.wait(5), "recording waited for the disk"
+        durable = threading.Thread(target=lambda: audit.record("accepted", durable=True))
+        durable.start()
+        durable.join(0.5)
+        assert durable.is_alive(), "a durable line returned before it was on disk"
+    finally:
+        audit._lock.release()
+    durable.join(5)
+    audit.flush()
+    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["received", "skipped", "accepted"]
+    audit.close()
