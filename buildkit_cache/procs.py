@@ -4,27 +4,35 @@ Docker host, nothing from an alert."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import selectors
-import signal
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from functools import cache
 
 from .errors import BuilderError, Unavailable
 
 MAX_OUTPUT = 64 * 1024 * 1024
-_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel kills it when the process that started it ends, so a du
-    or buildctl never outlives a stopped exporter or actuator under PID 1."""
+@cache
+def _with_parent() -> tuple[str, ...]:
+    """What a child's argv is prefixed with so that the kernel kills it when the process that
+    started it ends (PR_SET_PDEATHSIG), and a du or buildctl never outlives a stopped exporter or
+    actuator under PID 1: util-linux's `setpriv --pdeathsig`, an exec wrapper. Not `preexec_fn`,
+    which Python calls unsafe in a process with threads (these children are started from several).
+    Without setpriv (not Linux), nothing: the deadline below still ends the child."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return ()
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the deadline below still ends it
+        ok = subprocess.run([setpriv, "--pdeathsig", "KILL", "--", "true"], stdin=subprocess.DEVNULL,  # noqa: S603
+                            capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    return (setpriv, "--pdeathsig", "KILL", "--") if ok else ()
 
 
 def run_capped(argv: list[str], timeout: float, what: str, cap: int = MAX_OUTPUT,
@@ -39,8 +47,8 @@ def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
                    cap: int = MAX_OUTPUT, on_stdout: Callable[[bytes], None] | None = None) -> list[tuple[int, str, str]]:
     """`run_capped` for several commands at once, side by side (one deadline for all of them)."""
     env = {**os.environ, "LC_ALL": "C"}
-    procs = [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # noqa: S603
-                              stderr=subprocess.PIPE, env=env, preexec_fn=_die_with_parent)
+    procs = [subprocess.Popen([*_with_parent(), *argv], stdin=subprocess.DEVNULL,  # noqa: S603
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
              for argv in argvs]
     bufs = [(bytearray(), bytearray()) for _ in procs]
     deadline = time.monotonic() + timeout
