@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -36,6 +37,7 @@ from buildkit_cache.errors import BuilderError, Unavailable
 from buildkit_cache.fs import Fingerprint, databases_fingerprint, statvfs_usage
 from buildkit_cache.inventory import BuilderSource
 from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME, BuilderRef
+from buildkit_cache.threads import DaemonPool
 
 from .measurements import BY_NAME, DISCOVERY, REFRESH, Measurement, intervals
 
@@ -85,6 +87,8 @@ class Snapshot:
 
     builders: Mapping[Key, BuilderState] = field(default_factory=dict)
     hosts: Mapping[str, HostState] = field(default_factory=dict)
+    threads: int = 0  # the measurement threads there are
+    threads_stuck: int = 0  # of them, held by a call given up on (past exporter.timeout) that has not returned
 
 
 @dataclass
@@ -123,8 +127,12 @@ class Collection:
         self.intervals = intervals(cfg)
         self.clock = clock
         self.on_change: Callable[[], None] = lambda: None  # told after each new snapshot (the server's renderer)
-        self.snapshot = Snapshot({r.ref.key: BuilderState(r) for r in source.remotes}, {})
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="collect")
+        self.snapshot = Snapshot({r.ref.key: BuilderState(r) for r in source.remotes}, {}, threads=workers)
+        # Daemon threads, at most `workers`: a call that never returns (a Docker host or buildkitd
+        # that stopped answering mid-call) holds one, is counted in threads_stuck, and never keeps a
+        # stopping exporter alive.
+        self._pool = DaemonPool(workers, "collect")
+        self._stuck: set[concurrent.futures.Future[Any]] = set()
         self._marks: dict[tuple[Key, str], _Mark] = {}
         self._walks: dict[str, threading.Lock] = {h: threading.Lock() for h in source.hosts}
         self._running: dict[tuple[str, ...], asyncio.Task[None]] = {}
@@ -179,8 +187,40 @@ class Collection:
     # -- work off the loop ----------------------------------------------------------------------
 
     async def _in_thread(self, fn: Callable[[], T]) -> T:
+        """`fn` in a measurement thread, given up on after exporter.timeout (waiting for a free
+        thread included). A call given up on keeps its thread until it returns: it is counted as
+        stuck meanwhile, and when every thread is stuck, calls say so instead of waiting in line."""
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(self._pool, fn), self.cfg.exporter.timeout)
+        timeout = self.cfg.exporter.timeout
+        call = self._pool.submit(fn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(call)), timeout)
+        except TimeoutError:
+            if call.cancel():  # never started: every thread was busy the whole time
+                raise Unavailable(f"no measurement thread was free within {timeout:g}s: "
+                                  f"{len(self._stuck)} of {self._pool.size} are held by calls that did not return "
+                                  "(buildkit_cache_exporter_threads_stuck)") from None
+            if not call.done():
+                self._stuck.add(call)
+                self._count_stuck()
+                call.add_done_callback(functools.partial(self._returned, loop))
+            raise
+
+    def _returned(self, loop: asyncio.AbstractEventLoop, call: concurrent.futures.Future[Any]) -> None:
+        """A call given up on returned (in its thread): its thread is free again."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing left to count
+            loop.call_soon_threadsafe(self._unstuck, call)
+
+    def _unstuck(self, call: concurrent.futures.Future[Any]) -> None:
+        self._stuck.discard(call)
+        self._count_stuck()
+
+    def _count_stuck(self) -> None:
+        if self.snapshot.threads_stuck != len(self._stuck):
+            if len(self._stuck) > self.snapshot.threads_stuck:
+                log.warning("a call given up on after %gs still holds a measurement thread (%d of %d held)",
+                            self.cfg.exporter.timeout, len(self._stuck), self._pool.size)
+            self.snapshot = replace(self.snapshot, threads_stuck=len(self._stuck))
 
     # -- discovery ------------------------------------------------------------------------------
 

@@ -41,6 +41,13 @@ class CacheCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()  # one consistent picture for the whole scrape
         yield from self.families(snap.builders, snap.hosts)
+        threads = GaugeMetricFamily(P + "exporter_threads", "The exporter's measurement threads.")
+        threads.add_metric([], snap.threads)
+        stuck = GaugeMetricFamily(P + "exporter_threads_stuck",
+                                  "Measurement threads held by a call given up on after exporter.timeout that has "
+                                  "not returned yet; when all are, measurements fail until one returns.")
+        stuck.add_metric([], snap.threads_stuck)
+        yield from (threads, stuck)
 
     def families(self, builders: Mapping[tuple[str, str], BuilderState], hosts: Mapping[str, HostState]
                  ) -> Iterator[Metric]:

@@ -350,3 +350,36 @@ def test_the_checks_of_many_builders_spread_over_the_interval_and_keep_their_gap
             [d + 30.0 for d in second]
     finally:
         c.close()
+
+
+async def test_calls_that_never_return_are_counted_and_the_rest_say_why_they_wait(tmp_path):
+    """A stand-in, because no real part can be made to hang on cue: two builders whose `du` never
+    returns hold both measurement threads past exporter.timeout. They are counted
+    (buildkit_cache_exporter_threads_stuck), a third builder's measurements fail saying no thread was
+    free, not "no answer", and once the calls return the threads measure again."""
+    import threading
+
+    hang = threading.Event()
+    stuck = [RecordedBuilder(f"hung{i}", broken=("records",), hang=hang) for i in range(2)]
+    healthy = RecordedBuilder("kamal")
+    cfg = parse_config({"exporter": {"timeout": "300ms", "intervals": {**FAST, "refresh": "1h"}}})
+    c = Collection(cfg, StaticInventory([*stuck, healthy]), workers=2)
+    reg = registry_for(lambda: c.snapshot, cfg)
+    task = asyncio.create_task(c.run_forever())
+    try:
+        await wait_until(lambda: c.snapshot.threads_stuck == 2)
+        assert reg.get_sample_value("buildkit_cache_exporter_threads_stuck") == 2
+        assert reg.get_sample_value("buildkit_cache_exporter_threads") == 2
+
+        def says_why() -> bool:
+            r = c.snapshot.builders[("h1", "kamal")].results.get("records")
+            return r is not None and not r.success and "no measurement thread was free" in r.error
+
+        await wait_until(says_why)
+        hang.set()  # the calls return (failing, as a hung builder's do in the end)
+        await wait_until(lambda: c.snapshot.threads_stuck == 0)
+        await wait_until(lambda: c.snapshot.builders[("h1", "kamal")].results["records"].success, within=10)
+    finally:
+        hang.set()
+        task.cancel()
+        c.close()
