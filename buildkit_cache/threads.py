@@ -31,6 +31,7 @@ class DaemonPool(concurrent.futures.Executor):
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._busy = 0
+        self._queued = 0  # calls submitted and not yet taken by a thread
         self._closed = False
 
     @property
@@ -44,7 +45,10 @@ class DaemonPool(concurrent.futures.Executor):
             if self._closed:
                 raise RuntimeError(f"the {self.name} pool is shut down")
             self._queue.put((future, fn, args, kwargs))
-            if self._idle == 0 and len(self._threads) < self.size:
+            self._queued += 1
+            # A thread for each call waiting beyond the idle ones (an idle thread not yet at the
+            # queue takes only one of several calls submitted meanwhile), up to the pool's size.
+            if self._queued > self._idle and len(self._threads) < self.size:
                 t = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
                 self._threads.append(t)
                 self._idle += 1
@@ -58,6 +62,7 @@ class DaemonPool(concurrent.futures.Executor):
                 return
             future, fn, args, kwargs = item
             with self._lock:
+                self._queued -= 1
                 self._idle -= 1
                 self._busy += 1
             try:
