@@ -95,6 +95,7 @@ def test_fifty_clients_for_a_minute_memory_bounded_and_every_notification_accoun
         for status, count in by_status.items():
             assert m.get_sample_value("buildkit_cache_actuator_notifications_total", {"code": str(status)}) == count
         # Every notification read (200) has its 'received' line, and each of its alerts a decision.
+        live.recorder.audit.flush()  # the audit thread writes the file: what was recorded so far
         lines = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
         assert sum(1 for e in lines if e["event"] == "received") == by_status[200]
         decisions = sum(v for name, v in _samples(m, "buildkit_cache_actuator_alerts_total"))

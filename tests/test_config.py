@@ -235,6 +235,7 @@ def test_settings_for_a_builder_no_host_has_are_named_with_what_was_found():
     assert unmatched_builder_settings(cfg, {}) == []  # a host that was not reached says nothing
 
 
+@pytest.mark.slow  # root: gives a socket away and runs a child as another user
 def test_a_socket_this_process_may_not_use_is_explained(tmp_path):
     import os
     import shutil

@@ -25,12 +25,18 @@ def tree(tmp_path):
     for i in range(5):  # one file, six names: counted once
         os.link(root / "moved", root / f"snapshots/{i}/hard")
     os.symlink("/etc", root / "link-to-etc")
-    other = root / "mnt"
+    return root
+
+
+@pytest.fixture
+def mounted(tree):
+    """The tree with another filesystem mounted inside it (a tmpfs of 20 MB): root only."""
+    other = tree / "mnt"
     other.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "bkce-test", str(other)], check=True)
     (other / "big").write_bytes(b"y" * 20_000_000)
     try:
-        yield root
+        yield tree
     finally:
         subprocess.run(["umount", str(other)], check=True)
 
@@ -39,14 +45,15 @@ def du(*args: str) -> int:
     return int(subprocess.run(["du", "-s", "-x", *args], capture_output=True, text=True, check=True).stdout.split()[0])
 
 
+def names_in(tree: Path) -> int:
+    return sum(len(files) + len(dirs) for _, dirs, files in os.walk(tree)) + 1
+
+
 def test_figures_are_du_s_and_du_s_inodes(tree):
     usage = fs.tree_usage(str(tree), 30)
     assert usage.bytes == du("-B1", str(tree))
     assert usage.files == du("--inodes", str(tree))
-    # Hard links once, the tmpfs mounted inside and the symlink's target left out.
-    assert usage.bytes < 20_000_000
-    names = sum(len(files) + len(dirs) for _, dirs, files in os.walk(tree)) + 1
-    assert usage.files == names - 5 - 2  # five extra names of one file; the tmpfs (its root and file)
+    assert usage.files == names_in(tree) - 5  # hard links once; the symlink's target left out
 
 
 def test_the_python_walk_agrees_where_there_is_no_gnu_du(tree, monkeypatch):
@@ -54,6 +61,16 @@ def test_the_python_walk_agrees_where_there_is_no_gnu_du(tree, monkeypatch):
     monkeypatch.setattr(fs, "gnu_du", lambda: None)
     assert fs.tree_usage(str(tree), 30) == expected
     assert fs.walk_tree(str(tree)) == expected
+
+
+@pytest.mark.slow  # root: mounts a tmpfs
+def test_another_filesystem_mounted_inside_is_left_out_by_du_and_the_walk(mounted, monkeypatch):
+    usage = fs.tree_usage(str(mounted), 30)
+    assert usage.bytes == du("-B1", str(mounted)) < 20_000_000
+    assert usage.files == du("--inodes", str(mounted))
+    assert usage.files == names_in(mounted) - 5 - 2  # the tmpfs left out: its root and its file
+    monkeypatch.setattr(fs, "gnu_du", lambda: None)
+    assert fs.walk_tree(str(mounted)) == usage
 
 
 @pytest.mark.slow  # builds a deep tree / waits out a deadline
