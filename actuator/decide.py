@@ -166,9 +166,10 @@ class Claims:
     """Once per incident: what is queued or running, and when each (builder, action) last started,
     in the state file (`state.py`) when there is one, so that a restart or a second replica keeps them.
 
-    `settle` is synchronous and runs on the event loop, and each change to the state file is made
-    under its lock, so the check and the claim that follows it cannot interleave: of 50 copies of a
-    notification arriving together, one is accepted.
+    `settle` checks and claims in one call, which the service runs on its single state thread
+    (never on the event loop), and each change to the state file is made under that file's lock, so
+    the check and the claim that follows it cannot interleave, in this process or between replicas:
+    of 50 copies of a notification arriving together, one is accepted.
 
     Time: an entry is aged by its writer's times where the writer's clock is this process's (itself,
     or a process of the same boot whose clock agrees), else by this process's monotonic clock from

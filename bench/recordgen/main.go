@@ -1,5 +1,5 @@
 // bkce-recordgen fills a real buildkitd with cache records, for the big-cache benchmark
-// (bench/bigcache.py) and for the test of answers past BuildKit's gRPC limit
+// (bench/bigcache_bench.py) and for the test of answers past BuildKit's gRPC limit
 // (tests/integration/test_big_cache.py).
 //
 // It is a client of BuildKit's own Go API, built from the BuildKit source archive beside the

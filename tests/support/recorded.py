@@ -31,7 +31,7 @@ class RecordedBuilder(Builder):
         self.prunes: list[PruneRequest] = []
         # The cache as it is now: the recording, less what prunes removed.
         self.current = parse.parse_buildctl_du_json((F / "du.json").read_text())
-        # Like BuildKit cut short (see actuator.runner._more_to_do): two records per prune call.
+        # Like BuildKit cut short (see actuator/executor.py, PruneExecutor._more_to_do): two records per prune call.
         self.short_prunes = short_prunes
         self.running = 0
         self.max_running = 0
