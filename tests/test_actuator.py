@@ -239,7 +239,7 @@ async def test_reply_comes_before_a_slow_prune(harness):
     t0 = time.monotonic()
     r = await h.post(notification(alert()))
     elapsed = time.monotonic() - t0
-    assert r.status == 200 and elapsed < 0.1, elapsed
+    assert r.status == 200 and elapsed < 0.75, elapsed  # half the prune: the answer did not wait for it
     assert h.builders["kamal"].prunes == []
     await h.settle()
     assert len(h.builders["kamal"].prunes) == 1
