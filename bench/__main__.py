@@ -10,18 +10,40 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import actuator_bench, builders_bench, exporter_bench, rest_bench, walk_bench
+from . import actuator_bench, bigcache_bench, builders_bench, exporter_bench, rest_bench, walk_bench
 from .common import Row
 
-FULL = {"sizes": [1_000, 10_000, 100_000], "scrapes": 600, "memory_records": 2_000, "cycles": 1_000,
-        "cycle_records": 10_000, "trees": [100_000, 1_000_000], "builders": 200, "leak_files": 1_000_000,
-        "builder_scrapes": 500, "builder_seconds": 35.0, "posts": 2_000, "rest_seconds": 600.0}
-SMALL = {"sizes": [100, 1_000], "scrapes": 50, "memory_records": 1_000, "cycles": 20, "cycle_records": 100,
-         "trees": [2_000], "builders": 3, "leak_files": 2_000, "builder_scrapes": 20, "builder_seconds": 2.0, "posts": 100,
-         "rest_seconds": 5.0}
-AREAS = ("cost", "scrape", "cycle", "memory", "walk", "builders", "actuator")
+
+@dataclass(frozen=True)
+class Sizes:
+    sizes: list[int]  # records at the stand-in engine, for scrape latency and the collection cycle
+    scrapes: int
+    memory_records: int
+    cycles: int
+    cycle_records: int
+    trees: list[int]  # inodes of the walked trees
+    builders: int
+    leak_files: int
+    builder_scrapes: int
+    builder_seconds: float
+    posts: int
+    rest_seconds: float
+    bigcache_records: int  # records in a real BuildKit (standalone and Docker 29's)
+    bigcache_dry_run_records: int  # records of the dry run's own benchmark (a stand-in engine)
+
+
+FULL = Sizes(sizes=[1_000, 10_000, 100_000], scrapes=600, memory_records=2_000, cycles=1_000, cycle_records=10_000,
+             trees=[100_000, 1_000_000], builders=200, leak_files=1_000_000, builder_scrapes=500,
+             builder_seconds=35.0, posts=2_000, rest_seconds=600.0, bigcache_records=200_000,
+             bigcache_dry_run_records=20_000)
+SMALL = Sizes(sizes=[100, 1_000], scrapes=50, memory_records=1_000, cycles=20, cycle_records=100, trees=[2_000],
+              builders=3, leak_files=2_000, builder_scrapes=20, builder_seconds=2.0, posts=100, rest_seconds=5.0,
+              bigcache_records=3_000, bigcache_dry_run_records=500)
+AREAS = ("cost", "scrape", "cycle", "memory", "walk", "builders", "actuator", "bigcache")
 
 
 def table(rows: list[Row]) -> str:
@@ -40,15 +62,16 @@ def main() -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bkb-") as tmp:
         work = Path(tmp)
-        steps = {
-            "cost": lambda: rest_bench.at_rest(work, size["rest_seconds"]),
-            "scrape": lambda: exporter_bench.scrape_latency(work, size["sizes"], size["scrapes"]),
-            "cycle": lambda: exporter_bench.collection_cycle(work, size["sizes"]),
-            "memory": lambda: exporter_bench.memory(work, size["memory_records"], size["cycles"], size["cycle_records"]),
-            "walk": lambda: walk_bench.walk(work, size["trees"]),
-            "builders": lambda: builders_bench.many_builders(work, size["builders"], size["leak_files"],
-                                                             size["builder_scrapes"], size["builder_seconds"]),
-            "actuator": lambda: actuator_bench.actuator_load(work, size["posts"]),
+        steps: dict[str, Callable[[], list[Row]]] = {
+            "cost": lambda: rest_bench.at_rest(work, size.rest_seconds),
+            "scrape": lambda: exporter_bench.scrape_latency(work, size.sizes, size.scrapes),
+            "cycle": lambda: exporter_bench.collection_cycle(work, size.sizes),
+            "memory": lambda: exporter_bench.memory(work, size.memory_records, size.cycles, size.cycle_records),
+            "walk": lambda: walk_bench.walk(work, size.trees),
+            "builders": lambda: builders_bench.many_builders(work, size.builders, size.leak_files,
+                                                             size.builder_scrapes, size.builder_seconds),
+            "actuator": lambda: actuator_bench.actuator_load(work, size.posts),
+            "bigcache": lambda: bigcache_bench.big_caches(work, size.bigcache_records, size.bigcache_dry_run_records),
         }
         for area in args.only:
             t0 = time.monotonic()

@@ -216,6 +216,55 @@ def _docker29(work: Path, records: int) -> list[Row]:
     return rows
 
 
+def big_caches(work: Path, records: int, dry_run_records: int) -> list[Row]:
+    """`bench/run --only bigcache`: the real BuildKit and Docker 29 rows, then the dry run's own row."""
+    return big_cache(work, records) + dry_run_standin(work, dry_run_records)
+
+
+def dry_run_standin(work: Path, records: int) -> list[Row]:
+    """A dry run of `records` records as Alertmanager asks for it: the actuator (`--dry-run`) against
+    the stand-in engine (recorded Docker 28.5 records, repeated to the size), from the notification to
+    its `dry_run` line in the audit trail."""
+    from .common import StandinEngine
+
+    root = work / "dry-run"
+    root.mkdir(parents=True, exist_ok=True)
+    engine_ = StandinEngine(root, "standin", records)
+    port = free_port()
+    token = root / "token"
+    token.write_text("bench-token\n")
+    token.chmod(0o600)
+    audit = root / "audit.jsonl"
+    cfg = root / "actuator.json"
+    cfg.write_text(json.dumps({
+        "docker_hosts": [{"url": engine_.url, "name": "standin"}], "builders": {"default": {"budget": "1MB"}},
+        "actuator": {"listen": f"127.0.0.1:{port}", "auth": {"bearer_token_file": str(token)},
+                     "audit_log": str(audit), "state_file": str(root / "state.json")}}))
+    svc = Service("buildkit_cache.actuator", ["--config", str(cfg), "--dry-run"], root / "actuator.log")
+    try:
+        wait_for("the actuator", lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, timeout=60)
+        body = json.dumps({"version": "4", "status": "firing", "receiver": "a", "groupKey": "{}", "alerts": [{
+            "status": "firing", "labels": {"alertname": "BuildKitCacheOverBudget", "host": "standin",
+                                           "builder": "default", "buildkit_action": "prune-to-budget"},
+            "startsAt": "2026-01-01T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z", "fingerprint": "bench"}]})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/alerts", data=body.encode(),
+                                     headers={"Authorization": "Bearer bench-token"})
+        started = time.monotonic()
+        urllib.request.urlopen(req, timeout=60).read()
+        line = wait_for("the dry run", lambda: [json.loads(x) for x in audit.read_text().splitlines()
+                                                if '"event":"dry_run"' in x or '"event":"failed"' in x],
+                        timeout=600, every=0.05)[0]
+        took = time.monotonic() - started
+    finally:
+        svc.stop()
+        engine_.stop()
+    figure = (f"{took:.1f} s: would prune {line['records']:,} records, {line['bytes'] / 1e6:.0f} MB"
+              if line["event"] == "dry_run" else f"failed: {line.get('reason', '?')}")
+    return [Row("big caches", f"dry run of {records:,} records (stand-in engine), notification to its audit line",
+                figure, "prune-to-budget, 1 MB budget", "target: on record within 10 s at 20,000 records",
+                {"seconds": took, "records": records})]
+
+
 def http_get_unix(socket: Path, path: str) -> bytes:
     conn = UnixHTTPConnection(str(socket), timeout=3600)
     conn.request("GET", path)

@@ -76,7 +76,9 @@ def many_builders(work: Path, builders: int, leak_files: int, scrapes: int, seco
         svc, port = exporter(work, "exporter-builders", f"docker_hosts: ['{d.url}']\n")
         try:
             scraper = Scraper(port)
-            latencies, size, progress, began = [], 0, [], time.monotonic()
+            latencies: list[float] = []
+            progress: list[int] = []
+            size, began = 0, time.monotonic()
             while len(latencies) < scrapes or time.monotonic() - began < seconds:
                 t0 = time.perf_counter()
                 status, body = scraper.get(gzip=True)

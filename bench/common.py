@@ -10,11 +10,15 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from lab.procs import ROOT, Process, Service, free_port, samples, wait_for
+
+T = TypeVar("T")
 
 RECORDED_DF = ROOT / "tests/fixtures/docker-engine-28.5/system-df-build-cache.json"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -97,7 +101,7 @@ class Scraper:
             self.conn = None
             raise
 
-    def metrics(self) -> dict:
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         return samples(self.get()[1].decode())
 
 
@@ -123,13 +127,16 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def settle(check, timeout: float = 120.0):
+def settle(check: Callable[[], Any], timeout: float = 120.0) -> Any:
     return wait_for("the benchmark's condition", check, timeout=timeout, every=0.05)
 
 
-def timed(fn, repeat: int):
+def timed(fn: Callable[[], T], repeat: int) -> tuple[T, float, float]:
     """(value, median wall seconds, median CPU seconds of this process) of `repeat` calls."""
-    walls, cpus, value = [], [], None
+    if repeat < 1:
+        raise ValueError("timed() needs at least one call")
+    walls: list[float] = []
+    cpus: list[float] = []
     for _ in range(repeat):
         gc.collect()
         t0, c0 = time.perf_counter(), time.process_time()

@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from buildkit_cache import decode, parse
@@ -17,15 +18,15 @@ from buildkit_cache.config import parse_config
 from buildkit_cache.docker_api import DockerHost
 from buildkit_cache.exporter.collect import Collection
 from buildkit_cache.inventory import Inventory
-from buildkit_cache.usage import summarize
+from buildkit_cache.usage import UsageSummary, summarize
 
 from .common import Row, Scraper, StandinEngine, exporter, percentile, rss_mb, settle, timed
 
 WINDOWS = (3600.0, 86400.0, 604800.0)
 
 
-def _records_total(m: dict) -> float:
-    return sum(v for (name, _), v in m.items() if name == "buildkit_cache_records")
+def _records_total(m: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
+    return float(sum(v for (name, _), v in m.items() if name == "buildkit_cache_records"))
 
 
 def scrape_latency(work: Path, sizes: list[int], scrapes: int) -> list[Row]:
@@ -37,7 +38,7 @@ def scrape_latency(work: Path, sizes: list[int], scrapes: int) -> list[Row]:
                              "exporter:\n  intervals: {records: 1s}\n")
         try:
             scraper = Scraper(port)
-            settle(lambda s=scraper, n=n: _records_total(s.metrics()) == n)
+            settle(partial(_has_records, scraper, n))
             time.sleep(2.5)  # two more checks: at rest from now on
             latencies = []
             for _ in range(scrapes):
@@ -92,6 +93,18 @@ def _engine_call(sock: Path) -> bytes:
         conn.close()
 
 
+def _has_records(scraper: Scraper, n: int) -> bool:
+    return _records_total(scraper.metrics()) == n
+
+
+def _decode_and_summarise(raw: bytes) -> UsageSummary:
+    return summarize(decode.engine_rows(raw), True)
+
+
+def _parse_and_summarise(raw: bytes) -> UsageSummary:
+    return summarize(parse.parse_engine_build_cache(json.loads(raw)), True)
+
+
 def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]:
     """One records measurement split in its parts: the engine call (the same request read to its
     last byte by http.client), then decoding and summarising (decode.py); the full parsers beside."""
@@ -100,13 +113,12 @@ def collection_cycle(work: Path, sizes: list[int], repeat: int = 5) -> list[Row]
         engine = StandinEngine(work, f"cycle-{n}", n)
         try:
             host = DockerHost("standin", engine.url, timeout=120)
-            raw, call_wall, call_cpu = timed(lambda e=engine: _engine_call(e.socket), repeat)
+            raw, call_wall, call_cpu = timed(partial(_engine_call, engine.socket), repeat)
             assert isinstance(raw, bytes)
             now = datetime.now(UTC)
-            summary, parse_wall, parse_cpu = timed(lambda r=raw: summarize(decode.engine_rows(r), True), repeat)
+            summary, parse_wall, parse_cpu = timed(partial(_decode_and_summarise, raw), repeat)
             _, sdk_wall, _ = timed(host.system_df_build_cache_bytes, repeat)
-            full, full_wall, _ = timed(lambda r=raw: summarize(parse.parse_engine_build_cache(
-                json.loads(r)), True), max(1, repeat // 2))
+            full, full_wall, _ = timed(partial(_parse_and_summarise, raw), max(1, repeat // 2))
             assert summary == full and summary.idle_bytes(now, WINDOWS) == full.idle_bytes(now, WINDOWS)
             rows.append(Row("cycle", f"{n:,} records ({len(raw) / 1e6:.1f} MB): decode + summarise",
                             f"{parse_wall * 1e3:.1f} ms wall, {parse_cpu * 1e3:.1f} ms CPU",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lab.engines import PrivateDockerd, write_build_context
@@ -21,7 +22,7 @@ from .common import Row, Scraper, cpu_seconds, exporter, rss_mb
 SCRAPE_EVERY = 15.0
 
 
-def _window(seconds: float, during=None) -> float:
+def _window(seconds: float, during: Callable[[], object] | None = None) -> float:
     """Machine-wide CPU-seconds spent over `seconds` of wall time (with `during` run every 30 s)."""
     stop = threading.Event()
     thread = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from functools import partial
 from pathlib import Path
 
 from buildkit_cache import fs
@@ -37,10 +38,10 @@ def walk(work: Path, sizes: list[int], repeat: int = 3) -> list[Row]:
         root = work / f"tree-{n}"
         make_tree(root, n)
         du(str(root))  # warm the cache
-        du_bytes, du_s, _ = timed(lambda r=root: du("-B1", str(r)), repeat)
-        du_inodes, du_i, _ = timed(lambda r=root: du("--inodes", str(r)), repeat)
-        ours, ours_s, _ = timed(lambda r=root: fs.tree_usage(str(r), 600), repeat)
-        py, py_s, _ = timed(lambda r=root: fs.walk_tree(str(r)), repeat)
+        du_bytes, du_s, _ = timed(partial(du, "-B1", str(root)), repeat)
+        du_inodes, du_i, _ = timed(partial(du, "--inodes", str(root)), repeat)
+        ours, ours_s, _ = timed(partial(fs.tree_usage, str(root), 600), repeat)
+        py, py_s, _ = timed(partial(fs.walk_tree, str(root)), repeat)
         same = ours.bytes == du_bytes and ours.files == du_inodes and py == ours
         rows.append(Row("walk", f"{du_inodes:,} inodes, {du_bytes / 1e6:.0f} MB: tree_usage (median of {repeat})",
                         f"{ours_s:.2f} s ({ours_s / du_s:.2f}x du -s)",

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class Process:
@@ -63,8 +64,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def samples(text: str) -> dict[tuple[str, frozenset], float]:
-    out = {}
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             out[(s.name, frozenset(s.labels.items()))] = s.value

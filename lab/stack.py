@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .engines import PrivateDockerd
 from .procs import ROOT, Process, Service, free_port, http_get, wait_for
 
 DEPLOY = ROOT / "deploy"
@@ -65,7 +66,8 @@ class Alertmanager:
         wait_for("Alertmanager", lambda: http_get(self.url + "/-/ready")[0] == 200, timeout=60)
 
     def alerts(self) -> list[dict[str, Any]]:
-        return json.loads(http_get(self.url + "/api/v2/alerts")[1])
+        alerts: list[dict[str, Any]] = json.loads(http_get(self.url + "/api/v2/alerts")[1])
+        return alerts
 
     def stop(self) -> None:
         self.proc.stop()
@@ -81,7 +83,9 @@ class Prometheus:
         cfg["global"]["scrape_interval"] = "1s"
         cfg["global"]["evaluation_interval"] = "1s"
         cfg["rule_files"] = [str(rules)]
-        listed = lambda t: [t] if isinstance(t, str) else list(t)  # noqa: E731
+        def listed(t: str | list[str]) -> list[str]:
+            return [t] if isinstance(t, str) else list(t)
+
         cfg["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = listed(alertmanager)
         targets = {"buildkit-cache-exporter": exporter, "buildkit-cache-actuator": actuator}
         for job in cfg["scrape_configs"]:
@@ -103,7 +107,8 @@ class Prometheus:
         return data["data"]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        return self.api("query", query=expr)["result"]
+        result: list[dict[str, Any]] = self.api("query", query=expr)["result"]
+        return result
 
     def firing(self, alertname: str) -> list[dict[str, Any]]:
         return [a for a in self.api("alerts")["alerts"] if a["labels"]["alertname"] == alertname
@@ -117,7 +122,7 @@ class Stack:
     """The exporter, the actuator, Alertmanager and Prometheus on one dockerd, wired as deploy/ wires
     them, with one builder (`default`) under a budget. Stops what it started if a start fails."""
 
-    def __init__(self, dockerd, workdir: Path, *, host: str, budget: int, interval: str, for_: str):
+    def __init__(self, dockerd: PrivateDockerd, workdir: Path, *, host: str, budget: int, interval: str, for_: str):
         token = workdir / "token"
         token.write_text(f"{host}-token\n")
         self.audit_path = workdir / "audit.jsonl"

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 
 def make_app(df_body: bytes, api: str, requests_log: Path | None, root: str = "/nonexistent/standin",
@@ -28,7 +29,7 @@ def make_app(df_body: bytes, api: str, requests_log: Path | None, root: str = "/
             "DriverStatus": [], "OSType": "linux"}
 
     @web.middleware
-    async def log_requests(request: web.Request, handler):
+    async def log_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
         if requests_log is not None:
             with open(requests_log, "a") as f:  # noqa: ASYNC230 - one line to a local file, in a stand-in
                 f.write(json.dumps({"method": request.method, "path": request.path,

@@ -1,6 +1,7 @@
 """The benchmarks run, at tiny sizes (`bench/run --small`), and their checks of correctness hold:
 the state volume figures equal du's, the stand-in's records are all counted, one prune for 100
-copies of a notification, every distinct one audited. Timings are the benchmarks' business
+copies of a notification, every distinct one audited, a real BuildKit's and Docker 29's records all
+counted, planned and pruned. Timings are the benchmarks' business
 (docs/benchmarks.md), never asserted here."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_every_benchmark_runs_at_tiny_sizes():
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     areas = {line.split("|")[1].strip() for line in table}
-    assert areas == {"cost", "scrape", "cycle", "memory", "walk", "builders", "actuator"}, done.stdout
+    assert areas == {"cost", "scrape", "cycle", "memory", "walk", "builders", "actuator", "big caches"}, done.stdout
     # At rest, after the first collection, the builder container is asked nothing.
     (rest,) = [line for line in table if line.startswith("| cost | at rest")]
     assert "buildctl calls in the builder container: 0 |" in rest, rest
@@ -34,5 +35,16 @@ def test_every_benchmark_runs_at_tiny_sizes():
     actuator = [line for line in table if line.startswith("| actuator |")]
     assert "; 1 prune |" in actuator[0] and "answers {200: 100}" in actuator[0], actuator
     assert "audit 'received' 200 of 200 sent; notifications_total 200, alerts_total 200" in actuator[1], actuator
+    # Big caches: a real buildkitd's and a real Docker 29's records all counted by the exporter, a plan
+    # and a real prune of half of them, a dry run on record.
+    big = {line.split("|")[2].strip(): line.split("|")[3].strip() for line in table if line.startswith("| big caches |")}
+    assert big["exporter: first records measurement (in parts past the limit)"].endswith("for 3,000 records"), big
+    planned = big["dry run: planning a prune to half the cache"]
+    pruned = big["a real prune to half the cache, through the actuator"]
+    assert pruned.endswith(" records") and pruned.split(", ")[1].split()[0] != "0", big
+    assert "of CPU" in planned, big
+    (dry,) = [v for k, v in big.items() if k.startswith("dry run of 500 records")]
+    assert "would prune" in dry, big
+    assert any(k.startswith("exporter on Docker 29") for k in big), big
     assert list(work.iterdir()) == []  # the benchmarks' temporary folder is gone
     work.rmdir()

@@ -7,6 +7,8 @@ import asyncio
 import http.client
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -23,7 +25,7 @@ from tests.support.recorded import RecordedBuilder, StaticInventory
 class LiveActuator:
     """The actuator's app on 127.0.0.1, served by an event loop in a thread."""
 
-    def __init__(self, tmp_path, cfg: dict, builders: tuple[str, ...], token: str):
+    def __init__(self, tmp_path: Path, cfg: dict[str, Any], builders: tuple[str, ...], token: str):
         self.token = token
         self.builders = {n: RecordedBuilder(n) for n in builders}
         self.cfg = parse_config(cfg)
