@@ -12,7 +12,7 @@ import yaml
 
 from lab.engines import PrivateDockerd
 from lab.procs import wait_for
-from tests.support import builder_container
+from tests.support import buildkit
 from tests.support.image import BASE_TREE, build_shipped_image, import_tree
 
 pytestmark = pytest.mark.integration
@@ -33,9 +33,9 @@ def test_the_dockerfile_builds_with_docker_build_and_both_programs_report_health
     for program in ("buildkit-cache-exporter", "buildkit-cache-actuator"):
         out = dockerd.cli("run", "--rm", "--network", "none", "--entrypoint", program, TAG, "--version").stdout.decode()
         assert out.startswith(program), out
-    # buildctl from the BUILDKIT image's /usr/bin/buildctl.
+    # buildctl from the BUILDKIT image's /usr/bin/buildctl: BuildKit v0.32.2's own.
     got = dockerd.cli("run", "--rm", "--network", "none", "--entrypoint", "cat", TAG, "/usr/local/bin/buildctl").stdout
-    assert got == builder_container.BUILDCTL.encode()
+    assert got == (buildkit.BUILDKIT_BIN / "buildctl").read_bytes()
     check = json.loads(dockerd.cli("inspect", "-f", "{{json .Config.Healthcheck}}", TAG).stdout)
     assert check["Test"] == ["CMD", "python3", "-m", "buildkit_cache.healthcheck"], check
 
