@@ -187,3 +187,22 @@ def test_every_commented_example_of_the_example_config_is_valid(tmp_path):
             errors = [x for x in done.stderr.splitlines() if ": warning:" not in x and " WARNING " not in x]
             problems = [x for x in errors if "no such file" not in x and "cannot read" not in x]
             assert not problems, f"deploy/config.example.yml line {line}, {prog}: {problems}"
+
+
+def test_the_readmes_per_pod_routes_fit_the_shipped_route_and_reach_each_pods_actuator(tmp_path):
+    """README, On Kubernetes: the yaml block, put where it says (under the buildkit-actuator route),
+    is a valid Alertmanager config, and an alert about pod buildkitd-0 reaches that pod's receiver."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### On Kubernetes, beside buildkitd"):]
+    snippet = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    cfg = yaml.safe_load((DEPLOY / "alerts" / "alertmanager.yml").read_text())
+    (route,) = [r for r in cfg["route"]["routes"] if r["receiver"] == "buildkit-actuator"]
+    route["routes"] = snippet["routes"]
+    cfg["receivers"] += snippet["receivers"]
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = run("amtool", "check-config", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = run("amtool", "config", "routes", "test", f"--config.file={path}", "namespace=ci", "pod=buildkitd-0",
+               "buildkit_action=prune-to-budget", "builder=buildkitd", "host=remote")
+    assert done.returncode == 0 and done.stdout.split() == ["buildkitd-0,default"], done.stdout + done.stderr
