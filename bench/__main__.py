@@ -32,16 +32,18 @@ class Sizes:
     builder_seconds: float
     posts: int
     rest_seconds: float
+    rest_records: int  # records in the real builder the cost at rest is measured against
     bigcache_records: int  # records in a real BuildKit (standalone and Docker 29's)
     bigcache_dry_run_records: int  # records of the dry run's own benchmark (a stand-in engine)
 
 
 FULL = Sizes(sizes=[1_000, 10_000, 100_000], scrapes=600, memory_records=2_000, cycles=1_000, cycle_records=10_000,
              trees=[100_000, 1_000_000], builders=200, leak_files=1_000_000, builder_scrapes=500,
-             builder_seconds=35.0, posts=2_000, rest_seconds=600.0, bigcache_records=200_000,
+             builder_seconds=35.0, posts=2_000, rest_seconds=600.0, rest_records=2_000, bigcache_records=200_000,
              bigcache_dry_run_records=20_000)
 SMALL = Sizes(sizes=[100, 1_000], scrapes=50, memory_records=1_000, cycles=20, cycle_records=100, trees=[2_000],
               builders=3, leak_files=2_000, builder_scrapes=20, builder_seconds=2.0, posts=100, rest_seconds=5.0,
+              rest_records=200,
               bigcache_records=3_000, bigcache_dry_run_records=500)
 AREAS = ("cost", "scrape", "cycle", "memory", "walk", "builders", "actuator", "bigcache")
 
@@ -63,7 +65,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bkb-") as tmp:
         work = Path(tmp)
         steps: dict[str, Callable[[], list[Row]]] = {
-            "cost": lambda: rest_bench.at_rest(work, size.rest_seconds),
+            "cost": lambda: rest_bench.at_rest(work, size.rest_seconds, size.rest_records),
             "scrape": lambda: exporter_bench.scrape_latency(work, size.sizes, size.scrapes),
             "cycle": lambda: exporter_bench.collection_cycle(work, size.sizes),
             "memory": lambda: exporter_bench.memory(work, size.memory_records, size.cycles, size.cycle_records),

@@ -1,25 +1,37 @@
-"""What the exporter costs a build host at rest and busy: CPU-seconds per hour of every process on the
-machine (the exporter, dockerd, containerd, shims, the builder container), the idle host subtracted.
+"""What the exporter costs a build host at rest, against a peer that asks BuildKit on every scrape:
+CPU-seconds per hour of every process on the machine (the exporter or the peer, dockerd,
+containerd, shims, buildkitd), the idle host subtracted.
 
-The tests' private dockerd with real build cache on its embedded builder and one buildx-like builder
-container (tests/support/builder_container.py; its `buildctl` logs each call). The exporter runs with
-its default config, scraped every 15 s like Prometheus does. At rest nothing is built; busy, BuildKit
-writes the builder's databases every 30 s (a build's worth of change for the exporter)."""
+Real parts: the tests' private dockerd (the host's engine) with real build cache on its embedded
+builder, and a real buildx docker-container builder (BuildKit v0.32.2, tests/support/buildkit.py)
+holding `records` records made by bench/recordgen. What the exporter asks of that builder is read
+from the engine's own event log (each `docker exec`).
+
+- The exporter runs with its default config (checks every 30 s, refresh every hour) and is scraped
+  every 15 s as Prometheus does. Between refreshes it is measured over a window; the refresh's own
+  cost is what its first collection costs (everything asked once, the process's start included: an
+  upper bound), and the average over the hour is the two together, since an hour holds one refresh.
+- The peer: one long-lived process asking that buildkitd's DiskUsage over gRPC every 15 s, as an
+  exporter that asks BuildKit on every scrape does (bkce-recordgen --du-every; no `docker exec`, the
+  cheapest way there is to ask).
+- Busy: a small real build every 30 s (eight records), whose own CPU counts in "the rest"."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lab.engines import PrivateDockerd, write_build_context
-from tests.support import builder_container
+from tests.support import buildkit
 
 from .builders_bench import _system_cpu
 from .common import Row, Scraper, cpu_seconds, exporter, rss_mb
 
 SCRAPE_EVERY = 15.0
+HOUR = 3600.0
 
 
 def _window(seconds: float, during: Callable[[], object] | None = None) -> float:
@@ -41,12 +53,17 @@ def _window(seconds: float, during: Callable[[], object] | None = None) -> float
     return spent
 
 
-def _calls(d: PrivateDockerd, container: str) -> int:
-    out = d.cli("exec", container, "cat", "/var/log/buildctl-calls", check=False).stdout.decode()
-    return sum(1 for line in out.splitlines() if line.strip())
+def _fill(builder: buildkit.Builder, records: int) -> str:
+    """`records` records in the builder's buildkitd, made from the host through its socket; the
+    socket's address, for the peer."""
+    pid = builder.dockerd.cli("inspect", "-f", "{{.State.Pid}}", builder.container).stdout.decode().strip()
+    address = f"unix:///proc/{pid}/root/run/buildkit/buildkitd.sock"
+    subprocess.run([str(buildkit.SMALL_BIN / "bkce-recordgen"), "--addr", address, "--records", str(records),
+                    "--chain", "8", "--parallel", "8"], check=True, stdout=subprocess.DEVNULL, timeout=3600)
+    return address
 
 
-def at_rest(work: Path, seconds: float) -> list[Row]:
+def at_rest(work: Path, seconds: float, records: int = 2_000) -> list[Row]:
     rows = []
     d = PrivateDockerd(work / "r")  # short: containerd's socket paths must stay under 104 bytes
     d.start()
@@ -55,17 +72,37 @@ def at_rest(work: Path, seconds: float) -> list[Row]:
             ctx = work / f"ctx{i}"
             write_build_context(ctx, f"rest{i}", 2, 1)
             d.build(ctx, f"rest{i}:latest")
-        builder_container.build_image(d)
-        container, volume = builder_container.start_builder(d, "rest0")
-        builder_container.fill_state(d, container)
-        mountpoint = d.cli("volume", "inspect", "-f", "{{.Mountpoint}}", volume).stdout.decode().strip()
-
-        def busy() -> None:
-            with open(f"{mountpoint}/cache.db", "a") as f:
-                f.write("a record\n")
+        builder = buildkit.create(d, "rest")
+        address = _fill(builder, records)
+        builder.settle()
+        counted = len(builder.du())
+        window = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
         baseline = min(seconds, 300.0)  # a rate: five minutes of it are enough
-        idle = _window(baseline) / baseline * 3600
+        idle = _window(baseline) / baseline * HOUR
+
+        # The peer, alone on the machine.
+        peer = subprocess.Popen([str(buildkit.SMALL_BIN / "bkce-recordgen"), "--addr", address,
+                                 "--du-every", f"{SCRAPE_EVERY:g}s"], stdout=subprocess.DEVNULL)
+        try:
+            time.sleep(2)
+            own = cpu_seconds(peer.pid)
+            peer_total = _window(seconds) / seconds * HOUR - idle
+            peer_own = (cpu_seconds(peer.pid) - own) / seconds * HOUR
+            peer_rss = rss_mb(peer.pid)
+        finally:
+            peer.kill()
+            peer.wait()
+        rows.append(Row("cost", f"a peer asking buildkitd's DiskUsage every 15 s (gRPC, one process), {counted:,} "
+                        f"records, {window} window",
+                        f"{peer_total:.1f} CPU-s/h above idle (the peer {peer_own:.1f}, the rest "
+                        f"{peer_total - peer_own:.1f})", "no docker exec",
+                        f"idle host {idle:.1f} CPU-s/h; RSS {peer_rss:.0f} MB",
+                        {"above_idle": peer_total, "own": peer_own}))
+
+        # The exporter: its first collection (what a refresh asks), then between refreshes.
+        started = time.time()
+        c0 = _system_cpu()
         svc, port = exporter(work, "exporter-rest", f"docker_hosts: [{{url: '{d.url}', name: rest}}]\n")
         try:
             scraper = Scraper(port)
@@ -79,22 +116,47 @@ def at_rest(work: Path, seconds: float) -> list[Row]:
                         scraper.get(gzip=True)
 
             threading.Thread(target=scrape, daemon=True).start()
-            time.sleep(35)  # the first collection, and one check interval after it
-            for name, during in (("at rest", None), ("busy: the builder's databases written every 30 s", busy)):
-                calls, own = _calls(d, container), cpu_seconds(svc.proc.pid)
-                total = _window(seconds, during) / seconds * 3600
-                own = (cpu_seconds(svc.proc.pid) - own) / seconds * 3600
-                execs = _calls(d, container) - calls
-                window = f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
-                rows.append(Row("cost", f"{name}, {window} window, default intervals, 15 s scrapes",
-                                f"{total - idle:.1f} CPU-s/h above idle (exporter {own:.1f}, the rest "
-                                f"{total - idle - own:.1f})",
-                                f"buildctl calls in the builder container: {execs}",
-                                f"idle host {idle:.1f} CPU-s/h; RSS {rss_mb(svc.proc.pid):.0f} MB",
-                                {"above_idle": total - idle, "exporter": own, "execs": execs}))
+            first = 35.0  # the first collection, and one check interval after it
+            time.sleep(first)
+            refresh = (_system_cpu() - c0) - idle / HOUR * first
+            first_execs = len(buildkit.exec_starts(d, started, container=builder.container))
+            time.sleep(max(0.0, 60.0 - first) if seconds >= 60 else 0.0)  # BuildKit done writing after the first asks
+            between = None
+            for name, during in (("at rest, between refreshes", None),
+                                 ("busy: a small build every 30 s", _writer(builder, address))):
+                since, own = time.time(), cpu_seconds(svc.proc.pid)
+                total = _window(seconds, during) / seconds * HOUR - idle
+                own = (cpu_seconds(svc.proc.pid) - own) / seconds * HOUR
+                execs = buildkit.exec_starts(d, since, container=builder.container)
+                rows.append(Row("cost", f"exporter {name}, {window} window, default intervals, 15 s scrapes",
+                                f"{total:.1f} CPU-s/h above idle (exporter {own:.1f}, the rest {total - own:.1f})",
+                                f"docker execs into the builder: {len(execs)}",
+                                f"RSS {rss_mb(svc.proc.pid):.0f} MB",
+                                {"above_idle": total, "exporter": own, "execs": len(execs)}))
+                if between is None:
+                    between = total
             stop.set()
         finally:
             svc.stop()
+        assert between is not None
+        average = between + refresh  # an hour holds one refresh
+        rows.append(Row("cost", "exporter at rest over a whole refresh period (1 h): between refreshes plus one refresh",
+                        f"{average:.1f} CPU-s/h above idle, {average / peer_total:.2f}x the peer" if peer_total > 0
+                        else f"{average:.1f} CPU-s/h above idle",
+                        f"one refresh: {refresh:.2f} CPU-s (its first collection, start included: "
+                        f"{first_execs} docker execs)", "target: at most 1/3 of the peer",
+                        {"average": average, "refresh": refresh, "ratio": average / peer_total if peer_total else 0.0}))
     finally:
-        d.stop()
+        d.close()
     return rows
+
+
+def _writer(builder: buildkit.Builder, address: str) -> Callable[[], object]:
+    """A small real build every 30 s: eight new records (bench/recordgen), a build's worth of change
+    for the exporter. Its own CPU is in "the rest"."""
+    runs = iter(range(1_000_000))
+
+    def build() -> None:
+        subprocess.run([str(buildkit.SMALL_BIN / "bkce-recordgen"), "--addr", address, "--records", "8",
+                        "--seed", f"busy-{next(runs)}"], check=True, stdout=subprocess.DEVNULL, timeout=120)
+    return build

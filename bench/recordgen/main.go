@@ -12,6 +12,12 @@
 //	bkce-recordgen --addr unix:///run/buildkit/buildkitd.sock --records 200000 [--chain 8]
 //	               [--bytes 64] [--parallel 8] [--seed s]
 //	bkce-recordgen --docker unix:///var/run/docker.sock ...   (dockerd's embedded BuildKit)
+//	bkce-recordgen --addr ... --du-every 15s                 (the at-rest benchmark's peer)
+//
+// With --du-every it makes no records: it asks buildkitd's DiskUsage (every record, as
+// `buildctl du` does) once per interval until it is stopped, from one long-lived process over one
+// connection. That is what a peer exporter that asks BuildKit on every scrape costs a build host,
+// for bench/rest_bench.py to measure beside ours.
 //
 // With --docker it reaches dockerd's own BuildKit the way buildx's docker driver does: gRPC over the
 // Engine API's `POST /grpc`, upgraded to h2c.
@@ -48,6 +54,7 @@ func main() {
 	parallel := flag.Int("parallel", 8, "chains solved at once")
 	seed := flag.String("seed", fmt.Sprint(time.Now().UnixNano()), "makes this run's records its own")
 	docker := flag.String("docker", "", "a Docker Engine's unix:// socket: its embedded BuildKit instead of --addr")
+	duEvery := flag.Duration("du-every", 0, "make no records: ask DiskUsage at this interval until stopped")
 	flag.Parse()
 	if *records < 1 || *chain < 1 || *parallel < 1 {
 		fmt.Fprintln(os.Stderr, "bkce-recordgen: --records, --chain and --parallel must be at least 1")
@@ -72,6 +79,15 @@ func main() {
 		os.Exit(1)
 	}
 	defer c.Close()
+
+	if *duEvery > 0 {
+		for {
+			if _, err := c.DiskUsage(ctx); err != nil {
+				fmt.Fprintln(os.Stderr, "bkce-recordgen: DiskUsage:", err)
+			}
+			time.Sleep(*duEvery)
+		}
+	}
 
 	chains := (*records + *chain - 1) / *chain
 	var made atomic.Int64
