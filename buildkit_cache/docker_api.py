@@ -266,11 +266,13 @@ class DockerHost:
                 raw = getattr(sock, "_sock", sock)
                 pipe = getattr(getattr(raw, "proc", None), "stdout", None)
                 try:
-                    if isinstance(raw, socket.socket):  # unix://, tcp:// and tcp:// with TLS: one reader
+                    # ssh:// first: the SDK's SSHSocket is a socket.socket too, but its bytes come
+                    # through the ssh client's pipe, and a read of its socket side waits for ever.
+                    if isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
+                        out, err = _read_exec_stream(_pipe_reader(pipe), ends, limit, what, on_stdout)
+                    elif isinstance(raw, socket.socket):  # unix://, tcp:// and tcp:// with TLS: one reader
                         first = _read_past_headers(sock, raw)
                         out, err = _read_exec_stream(_socket_reader(raw, first), ends, limit, what, on_stdout)
-                    elif isinstance(pipe, io.BufferedReader):  # ssh://: the pipe from `docker system dial-stdio`
-                        out, err = _read_exec_stream(_pipe_reader(pipe), ends, limit, what, on_stdout)
                     else:
                         raise BuilderError(f"exec in {container}: the Docker SDK gave a {type(raw).__name__}, "
                                            "not a socket or ssh pipe this exporter reads (docker 7 and "
