@@ -72,7 +72,7 @@ class UsageSummary:
     total_bytes: int
     total_records: int
     idle: IdleIndex = field(default_factory=IdleIndex)
-    never_reused_bytes: int = 0  # records not in use that were used once at most: built, never a cache hit
+    never_reused_bytes: int = 0  # records not in use that were used once at most: built, never a cache hit (no cache mounts)
 
     def idle_bytes(self, now: float | datetime, windows: Sequence[float]) -> dict[float, int]:
         return self.idle.idle_bytes(now.timestamp() if isinstance(now, datetime) else now, windows)
@@ -90,7 +90,9 @@ def summarize(records: Iterable[RecordLike], fresh_cache_mounts: bool = False) -
     used: list[tuple[float, int]] = []
     for r in records:
         rtype, size = r.record_type or "regular", r.size
-        if r.usage_count <= 1 and not r.in_use:
+        # Never reused: a result built and never a cache hit since. Not cache mounts, which are
+        # mutable and written, not hit (and whose count the engine raises whenever it measures them).
+        if r.usage_count <= 1 and not r.in_use and rtype != "exec.cachemount" and rtype not in INTERNAL_TYPES:
             once += size
         cell = by.get((rtype, state := state_of(r.in_use, r.shared)))
         if cell is None:

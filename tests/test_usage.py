@@ -92,3 +92,16 @@ def test_idle_bytes_age_with_the_clock_from_what_the_summary_kept():
         expected = {w: sum(r.size for r in plan_prune(records, PruneRequest(keep_duration_seconds=w), later))
                     for w in windows}
         assert kept.idle_bytes(later, windows) == expected
+
+
+def test_never_reused_is_results_built_and_never_hit_not_cache_mounts_or_internal_records():
+    """Docker's embedded builder raises a cache mount's usage count whenever it measures it: counting
+    cache mounts would make the figure move with the exporter's own asking (seen between two real
+    runs on every engine). A cache mount is written, not hit; internal records are BuildKit's own."""
+    from dataclasses import replace
+
+    records = [replace(rec("once", 100), usage_count=1), replace(rec("hit", 1000), usage_count=3),
+               replace(rec("busy", 10, in_use=True), usage_count=1),
+               replace(rec("mount", 5000, rtype="exec.cachemount"), usage_count=1),
+               replace(rec("fe", 7000, rtype="frontend"), usage_count=0)]
+    assert summarize(records).never_reused_bytes == 100
