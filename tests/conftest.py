@@ -3,6 +3,7 @@ builder container. Nothing here is skipped: a skipped test fails the run (see th
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,20 @@ set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 def pytest_unconfigure(config):
     shutil.rmtree(_HYPOTHESIS_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_as_it_was():
+    """A test that runs a CLI's main() gets its logging.basicConfig (root at INFO, a stderr
+    handler): undone after the test, so the next tests do not log, and pytest does not keep, what
+    that one set up."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    for h in root.handlers:
+        if h not in handlers and type(h).__module__.split(".")[0] != "_pytest":
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 # -- a skipped test is a missing test --------------------------------------------------------------
