@@ -55,7 +55,7 @@ def table(rows: list[Row]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="bench/run", description=" ".join(__doc__.split("Usage:")[0].split()))
     ap.add_argument("--small", action="store_true", help="tiny sizes: a smoke test of the benchmarks (CI)")
     ap.add_argument("--only", nargs="+", choices=AREAS, default=list(AREAS))
     args = ap.parse_args()

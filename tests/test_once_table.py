@@ -58,7 +58,10 @@ def test_a_docker_socket_it_may_not_use_is_named_with_its_owner_and_the_fix(tmp_
             s.bind(str(path))
             os.chmod(path, 0o660)
             s.listen()
-            done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+            # As nobody, keeping only CAP_DAC_READ_SEARCH: it reads the checkout wherever it is (a
+            # clone under a 0700 folder), and grants no write, which a socket's connect needs.
+            done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                                   "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", sys.executable,
                                    "-m", "buildkit_cache.exporter", "--once", "--docker-host", f"unix://{path}"],
                                   capture_output=True, text=True, timeout=60, cwd=ROOT)
     finally:
