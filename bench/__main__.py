@@ -39,7 +39,7 @@ class Sizes:
 
 FULL = Sizes(sizes=[1_000, 10_000, 100_000], scrapes=600, memory_records=2_000, cycles=1_000, cycle_records=10_000,
              trees=[100_000, 1_000_000], builders=200, leak_files=1_000_000, builder_scrapes=500,
-             builder_seconds=35.0, posts=2_000, rest_seconds=600.0, rest_records=2_000, bigcache_records=200_000,
+             builder_seconds=35.0, posts=2_000, rest_seconds=300.0, rest_records=2_000, bigcache_records=200_000,
              bigcache_dry_run_records=20_000)
 SMALL = Sizes(sizes=[100, 1_000], scrapes=50, memory_records=1_000, cycles=20, cycle_records=100, trees=[2_000],
               builders=3, leak_files=2_000, builder_scrapes=20, builder_seconds=2.0, posts=100, rest_seconds=5.0,
