@@ -4,6 +4,7 @@ from the Python walk used where there is no GNU du."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -141,3 +142,20 @@ def test_used_is_what_df_says_on_a_filesystem_with_blocks_reserved_for_root(tmp_
         assert usage.used_ratio < 1 - usage.avail_bytes / usage.size_bytes
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_database_replaced_by_a_copy_is_a_change_though_its_size_and_time_are_the_same(tmp_path):
+    """A BuildKit database copied and renamed over the original (size and mtime kept): buildkitd
+    goes on writing the unlinked file, so the new inode is the one sign of it, and counts."""
+    state = tmp_path / "state"
+    (state / "runc-overlayfs").mkdir(parents=True)
+    (state / "cache.db").write_bytes(b"b" * 4096)
+    (state / "runc-overlayfs/metadata_v2.db").write_bytes(b"m" * 8192)
+    before = fs.databases_fingerprint(str(state))
+    assert before is not None and [name for name, *_ in before] == ["cache.db", "runc-overlayfs/metadata_v2.db"]
+    assert fs.databases_fingerprint(str(state)) == before  # nothing changed: equal
+    shutil.copy2(state / "cache.db", tmp_path / "copy.db")  # same bytes, same mtime
+    os.replace(tmp_path / "copy.db", state / "cache.db")
+    after = fs.databases_fingerprint(str(state))
+    assert after is not None and [(n, s, t) for n, _, s, t in after] == [(n, s, t) for n, _, s, t in before]
+    assert after != before
