@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from buildkit_cache.config import Config
+from buildkit_cache.memory import BIG_ANSWER, give_back
 from buildkit_cache.models import FILESYSTEM, RECORDS, STATE_VOLUME
 from buildkit_cache.units import format_duration
 from buildkit_cache.usage import UsageSummary
@@ -25,7 +26,10 @@ class Records(Measurement[UsageSummary]):
 
     def run(self, builder: Builder, cfg: Config) -> UsageSummary:
         # Keep the summary, not the records: a busy builder has tens of thousands.
-        return builder.usage()
+        summary = builder.usage()
+        if summary.total_records >= BIG_ANSWER:
+            give_back()  # the decoded records are gone: their memory goes back too
+        return summary
 
     def families(self) -> Families:
         return {
