@@ -230,9 +230,9 @@ def _docker29(work: Path, records: int) -> list[Row]:
     return rows
 
 
-def big_caches(work: Path, records: int, dry_run_records: int) -> list[Row]:
+def big_caches(work: Path, records: int, dry_run_records: int, prune: bool = True) -> list[Row]:
     """`bench/run --only bigcache`: the real BuildKit and Docker 29 rows, then the dry run's own row."""
-    return big_cache(work, records) + dry_run_standin(work, dry_run_records)
+    return big_cache(work, records, prune) + dry_run_standin(work, dry_run_records)
 
 
 def dry_run_standin(work: Path, records: int) -> list[Row]:
