@@ -280,6 +280,7 @@ class Recorder:
             self.audit.record("failed", **common, result=o.result, reason=o.reason, passes=o.passes or None,
                               records=o.records, **_ids(o.deleted_ids), reclaimed_bytes=o.reclaimed_bytes,
                               cache_bytes_before=o.cache_bytes_before, cache_bytes_after=o.cache_bytes_after,
+                              cache_freed_bytes=o.cache_freed_bytes,
                               cooldown="kept: it deleted records" if o.ran else "none: retry at once")
             return
         self.metrics.duration.labels(d.action_name).observe(o.duration_seconds)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from buildkit_cache.builders import Builder
-from buildkit_cache.errors import BuilderError
+from buildkit_cache.errors import BuilderError, TimedOut
 from buildkit_cache.models import FILESYSTEM, CacheRecord, PruneRequest, PruneResult
 from buildkit_cache.prune_plan import Plan, plan_prune
 from buildkit_cache.threads import DaemonPool
@@ -176,6 +176,8 @@ class PruneExecutor:
                 if error:
                     # What earlier passes (or this one, finishing late) deleted is kept and reported.
                     result = TIMEOUT if error.startswith("the prune did not finish") else FAILURE
+                    if deleted:  # measured as after a prune that finished: BuildKit lets go a moment later
+                        await asyncio.sleep(self.settle_delay)
                     after = (await self._cache_bytes(builder))[0] if deleted else None
                     return Outcome(result, error, deleted, reclaimed, passes, before, after,
                                    duration_seconds=time.monotonic() - started, deleted_ids=tuple(ids))
@@ -215,10 +217,14 @@ class PruneExecutor:
         if seconds <= 0:
             return None, late
         key = builder.ref.key
+        before = self.progress.get(key, (0, 0))  # what earlier passes deleted, for the log
+        heard = [0, 0]  # what BuildKit said this pass deleted, as it went
 
         def progress(records: int, size: int) -> None:
-            self.progress[key] = (records, size)
+            heard[:] = [records, size]
+            self.progress[key] = (before[0] + records, before[1] + size)
 
+        started = time.monotonic()
         fut = asyncio.get_running_loop().run_in_executor(self.pool, builder.prune, req, seconds, progress)
         done, _ = await asyncio.wait({fut}, timeout=seconds)
         if not done:
@@ -227,7 +233,11 @@ class PruneExecutor:
         try:
             result: PruneResult = fut.result()
         except BuilderError as exc:
-            return None, late if not done else str(exc)
+            # The command's deadline is the prune's: whichever noticed first, it is the timeout. What
+            # BuildKit said it deleted before it was stopped is deleted (it stops after its pass).
+            timed_out = not done or (isinstance(exc, TimedOut) and time.monotonic() - started >= seconds - 1.0)
+            partial = PruneResult(heard[0], heard[1]) if heard[0] else None
+            return partial, late if timed_out else str(exc)
         return result, "" if done else late
 
     async def _more_to_do(self, builder: Builder, req: PruneRequest) -> bool:

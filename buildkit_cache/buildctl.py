@@ -30,8 +30,9 @@ class Runner(Protocol):
     def __call__(self, args: Sequence[str], timeout: float | None = None, retry: bool = True,
                  on_stdout: Callable[[bytes], None] | None = None) -> str:
         """Run `buildctl <args>` and return its standard output; raise BuilderError on failure.
-        `retry`: whether the command may run twice (not a prune). `on_stdout` hears the output as
-        it comes."""
+        `retry`: whether the command may run twice (not a prune); one that may not is stopped at its
+        deadline and only then given up on, so that what it did is known. `on_stdout` hears the
+        output as it comes."""
 
 
 class ContainerBuildctl:
@@ -40,7 +41,12 @@ class ContainerBuildctl:
     The command runs under the container's `timeout` (BuildKit's images have busybox), so a
     buildctl that hangs is killed in the container soon after this side stops waiting for it,
     instead of piling up there; images without `timeout` run buildctl as it is, and the host
-    remembers that of the container (`DockerHost.without_timeout`), so it is not tried each time."""
+    remembers that of the container (`DockerHost.without_timeout`), so it is not tried each time.
+
+    A command that may not run twice (a prune) is killed at its deadline instead, and its output read
+    until it has ended: a prune given up on while buildctl still ran went on deleting for the grace
+    time, and what it deleted then was never heard (BuildKit stops after its pass once its client
+    is gone)."""
 
     GRACE = 5  # seconds between giving up on the answer and killing the command
 
@@ -53,10 +59,15 @@ class ContainerBuildctl:
                  on_stdout: Callable[[bytes], None] | None = None) -> str:
         known = (self.container, self.container_id)
         if known not in self.host.without_timeout:
-            # Killed in the container soon after the exec stops waiting: the measurement's deadline.
-            limit = math.ceil(deadline.left(timeout or self.host.timeout)) + self.GRACE
+            left = deadline.left(timeout or self.host.timeout)
+            if retry:
+                # Killed in the container soon after the exec stops waiting: the measurement's deadline.
+                limit, read_for = math.ceil(left) + self.GRACE, timeout
+            else:
+                # Killed at the deadline, and read until its output ends with it.
+                limit, read_for = math.ceil(left), math.ceil(left) + self.GRACE
             result = self.host.exec(self.container, ["timeout", "-s", "KILL", str(limit), "buildctl", *args],
-                                    timeout, retry, on_stdout)
+                                    read_for, retry, on_stdout)
             missing = result.exit_code in (126, 127) and "timeout" in (result.stderr + result.stdout)
             if not missing:
                 if result.exit_code != 0:

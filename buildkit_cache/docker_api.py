@@ -21,7 +21,7 @@ import requests.exceptions
 
 from . import deadline
 from .config import DockerTLS
-from .errors import BuilderError, CommandFailed, Unavailable
+from .errors import BuilderError, CommandFailed, TimedOut, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -391,7 +391,7 @@ def _read_exec_stream(read: Reader, deadline: float, limit: float, what: str,
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise Unavailable(f"{what} did not finish within {limit:g}s")
+            raise TimedOut(f"{what} did not finish within {limit:g}s")
         chunk = read(min(left, 5.0))
         if chunk is None:
             continue

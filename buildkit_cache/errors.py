@@ -9,6 +9,10 @@ class Unavailable(BuilderError):
     """The Docker daemon, the builder container or the buildkitd cannot be reached right now."""
 
 
+class TimedOut(Unavailable):
+    """A command or call did not end within its deadline (and was stopped)."""
+
+
 class CommandFailed(BuilderError):
     """A command (buildctl, du, df) ran but exited non-zero."""
 

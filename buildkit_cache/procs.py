@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from functools import cache
 
-from .errors import BuilderError, Unavailable
+from .errors import BuilderError, TimedOut
 
 MAX_OUTPUT = 64 * 1024 * 1024
 
@@ -61,7 +61,7 @@ def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
             while sel.get_map():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise Unavailable(f"{what} did not answer within {timeout:g}s")
+                    raise TimedOut(f"{what} did not answer within {timeout:g}s")
                 for key, _ in sel.select(min(left, 5.0)):
                     chunk = os.read(key.fd, 1 << 16)
                     if not chunk:
@@ -75,7 +75,7 @@ def run_capped_all(argvs: list[list[str]], timeout: float, what: str,
                         raise BuilderError(f"{what} printed more than {cap // (1024 * 1024)} MiB; not read further")
         codes = [proc.wait(max(0.1, deadline - time.monotonic())) for proc in procs]
     except subprocess.TimeoutExpired:
-        raise Unavailable(f"{what} did not answer within {timeout:g}s") from None
+        raise TimedOut(f"{what} did not answer within {timeout:g}s") from None
     finally:
         for proc in procs:
             if proc.poll() is None:

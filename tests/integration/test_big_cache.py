@@ -94,5 +94,36 @@ def test_a_prune_to_budget_past_the_limit_reads_the_records_in_parts_and_reaches
     after = du_in_parts(big)
     assert unshared(after) <= budget
     freed = unshared(before) - unshared(after)
-    assert pruned["cache_freed_bytes"] == freed
+    # BuildKit's size of a record or two can move by a block between two asks (4096 seen in 1 of 6 runs).
+    assert abs(pruned["cache_freed_bytes"] - freed) <= 0.005 * freed, (pruned, freed)
     assert abs(plan["bytes"] - freed) <= 0.10 * freed, (plan, freed)
+
+
+def test_a_prune_cut_off_by_its_timeout_says_what_buildkit_deleted_and_counts_as_run(dockerd, big, tmp_path):
+    """To a budget BuildKit deletes one record per pass over all of them, so a big cache's prune can
+    outlast `prune_timeout`. Cut off, it is a timeout (whether the actuator's clock or the command's
+    own deadline noticed first), what BuildKit deleted before it stopped is in the audit line, and it
+    counts as the incident's run: a repeat does not start another at once."""
+    before = du_in_parts(big)
+    act = Actuator(dockerd, tmp_path, 1, builders="  big: {budget: 1MB}", extra="  prune_timeout: 2s")
+    try:
+        assert act.post(notification("prune-to-budget", "big")) == 200
+        wait_for("the prune to be cut off", lambda: act.events("failed") or act.events("pruned"), timeout=120)
+        assert act.post(notification("prune-to-budget", "big")) == 200  # Alertmanager's repeat
+        wait_for("the repeat's decision", lambda: len(act.events("skipped")) + len(act.events("started")) >= 2,
+                 timeout=30)
+    finally:
+        act.stop()
+    (failed,) = act.events("failed")
+    after = du_in_parts(big)
+    gone = len(before) - len(after)
+    assert failed["result"] == "timeout" and failed["reason"] == "the prune did not finish within 2s", failed
+    # The records: as buildctl printed them until it was killed; BuildKit stops after the pass it is
+    # in, and the last few it deleted may have been on their way (hundreds a second at this size).
+    assert 0 < failed["records"] <= gone <= failed["records"] * 1.02 + 2, (failed, gone)
+    # The bytes: measured before and after (BuildKit's sizes of a record or two may still move).
+    freed = sum(r["size"] for r in before) - sum(r["size"] for r in after)
+    assert abs(failed["cache_freed_bytes"] - freed) <= 0.01 * freed, (failed, freed)
+    assert failed["reclaimed_bytes"] > 0 and failed["cooldown"] != "none: retry at once", failed
+    assert len(act.events("started")) == 1
+    assert [e["decision"] for e in act.events("skipped")] == ["cooldown"]
