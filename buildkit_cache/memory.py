@@ -8,6 +8,7 @@ free pages back. Where there is no `malloc_trim` (musl, macOS), nothing is done.
 from __future__ import annotations
 
 import ctypes
+import gc
 from collections.abc import Callable
 
 # Records in one answer from which what it leaves behind is worth giving back (below, a few MB).
@@ -28,8 +29,13 @@ _TRIM = _malloc_trim()
 
 
 def give_back() -> bool:
-    """Return the free memory of every arena to the system; False where the C library cannot."""
+    """Return the free memory of every arena to the system; False where the C library cannot.
+
+    The answer is freed first: the HTTP client's response that held it sits in a reference cycle,
+    which only the cycle collector frees (without it, an exporter that measured 200,000 records of
+    a stand-in engine kept 156 MB; with it, 86 MB)."""
     if _TRIM is None:
         return False
+    gc.collect()
     _TRIM(0)
     return True
