@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -40,6 +41,10 @@ def test_a_call_that_never_returns_holds_its_thread_and_not_the_process():
     never = threading.Event()
     stuck = pool.submit(never.wait)
     assert pool.submit(lambda: 42).result(5) == 42  # the other thread still works
+    # The stuck call's thread may not have been scheduled yet on a loaded machine (seen in CI).
+    deadline = time.monotonic() + 5
+    while pool.busy != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert pool.busy == 1 and not stuck.done()
     assert all(t.daemon for t in pool._threads)  # the interpreter exits without waiting for it
     pool.shutdown(wait=True)  # returns: it does not wait for the stuck call

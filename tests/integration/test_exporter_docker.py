@@ -287,6 +287,7 @@ async def test_remote_buildkitd_is_measured_with_a_local_buildctl(dockerd, tmp_p
     bkd = buildkit.Buildkitd(tmp_path / "bkd", address=f"tcp://127.0.0.1:{free_port()}")
     try:
         bkd.build(layer_contexts[0])
+        bkd.settle()  # buildctl returns before BuildKit lets go of the build's records (seen in CI)
         cfg = parse_config({
             "docker_hosts": [{"url": dockerd.url, "name": "test"}],
             "exporter": {"buildctl": bkd.buildctl_path},

@@ -464,8 +464,14 @@ class Buildkitd:
         return json.loads(self.buildctl("du", "--format", "json").stdout or b"[]") or []
 
     def build(self, context: Path) -> None:
-        self.buildctl("build", "--frontend", "dockerfile.v0", "--local", f"context={context}",
-                      "--local", f"dockerfile={context}")
+        for attempt in (1, 2):
+            try:
+                self.buildctl("build", "--frontend", "dockerfile.v0", "--local", f"context={context}",
+                              "--local", f"dockerfile={context}")
+                return
+            except RuntimeError as e:  # see Builder.build: runc losing a step's process as it starts
+                if attempt == 2 or RUNC_LOST_ITS_PROCESS not in str(e):
+                    raise
 
     def settle(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """`du` once no record is in use: buildctl returns before BuildKit has let go of a build's
