@@ -30,8 +30,8 @@ from .common import Row, percentile
 # The real prune's own timeout. To a budget, BuildKit v0.32.2 deletes one record per pass over all
 # of them (about 5 a second at 200,000 records on this machine): a prune to half takes hours, and
 # the figure is how far it got in this time, as the actuator logs it.
-PRUNE_TIMEOUT = "30m"
 PRUNE_TIMEOUT_S = 1800
+PRUNE_TIMEOUT = f"{PRUNE_TIMEOUT_S}s"
 
 
 def _tmpfs(path: Path, size: str) -> None:

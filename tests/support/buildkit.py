@@ -18,6 +18,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,18 @@ def has_buildx(dockerd: PrivateDockerd) -> bool:
 RUNC_LOST_ITS_PROCESS = "runc run failed: container process is already dead"
 
 
+def build_twice_if_runc_lost_it(build: Callable[[], object]) -> None:
+    """`build`, again once if runc inside BuildKit lost a build step's process as it started
+    ("container process is already dead", once in 700 CI builds on a loaded 2-core machine):
+    BuildKit's failure, not what a test checks. The same build again runs from the cache it left."""
+    try:
+        build()
+    except RuntimeError as e:
+        if RUNC_LOST_ITS_PROCESS not in str(e):
+            raise
+        build()
+
+
 @dataclass
 class Builder:
     """A docker-container builder: container `buildx_buildkit_<name>0`, volume `..._state`."""
@@ -176,17 +189,9 @@ class Builder:
         self.builds += 1
         if self.by_buildx:
             out = ["--output", f"type=image,name={image}"] if image else []
-            for attempt in (1, 2):
-                try:
-                    self.dockerd.cli("buildx", "build", "--builder", self.name, *out, str(context), timeout=600)
-                    return
-                except RuntimeError as e:
-                    # runc inside the builder sometimes loses a build step's process as it starts
-                    # ("runc run failed: container process is already dead", seen once in 700 CI
-                    # builds on a loaded 2-core machine): BuildKit's failure, not what a test checks.
-                    # The same build again runs from the cache it left.
-                    if attempt == 2 or RUNC_LOST_ITS_PROCESS not in str(e):
-                        raise
+            build_twice_if_runc_lost_it(lambda: self.dockerd.cli("buildx", "build", "--builder", self.name, *out,
+                                                                 str(context), timeout=600))
+            return
         # No buildx (Docker 20.10): the context into the builder, and its own buildctl.
         inside = f"/tmp/context-{self.builds}"
         self.dockerd.cli("cp", str(context), f"{self.container}:{inside}")
@@ -464,14 +469,8 @@ class Buildkitd:
         return json.loads(self.buildctl("du", "--format", "json").stdout or b"[]") or []
 
     def build(self, context: Path) -> None:
-        for attempt in (1, 2):
-            try:
-                self.buildctl("build", "--frontend", "dockerfile.v0", "--local", f"context={context}",
-                              "--local", f"dockerfile={context}")
-                return
-            except RuntimeError as e:  # see Builder.build: runc losing a step's process as it starts
-                if attempt == 2 or RUNC_LOST_ITS_PROCESS not in str(e):
-                    raise
+        build_twice_if_runc_lost_it(lambda: self.buildctl("build", "--frontend", "dockerfile.v0", "--local",
+                                                          f"context={context}", "--local", f"dockerfile={context}"))
 
     def settle(self, timeout: float = 30.0) -> list[dict[str, Any]]:
         """`du` once no record is in use: buildctl returns before BuildKit has let go of a build's
