@@ -505,7 +505,7 @@ def test_sigterm_ends_the_actuator_within_its_drain_time_whatever_buildkit_is_do
     try:
         assert act.post(notification("prune-all", "stuck")) == 200
         wait_for("buildkitd frozen at the prune", freeze.frozen.is_set, timeout=30)
-        clients = wait_for("buildctl prune in the builder", lambda: stuck.processes("buildctl"), timeout=30)
+        clients = wait_for("buildctl prune in the builder", lambda: stuck.processes("buildctl", "prune"), timeout=30)
         for pid in clients:
             os.kill(pid, signal.SIGSTOP)
         freeze.thaw()

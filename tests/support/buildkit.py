@@ -251,14 +251,17 @@ class Builder:
         os.kill(pid, signal.SIGSTOP)
         return pid
 
-    def processes(self, name: str) -> list[int]:
-        """This machine's pids of the container's processes called `name` (its cgroup names it)."""
+    def processes(self, name: str, *args: str) -> list[int]:
+        """This machine's pids of the container's processes called `name` (its cgroup names it)
+        whose arguments include `args`: `processes("buildctl", "prune")` is not the `buildctl du`
+        the actuator ran just before, still exiting."""
         cid = self.dockerd.cli("inspect", "-f", "{{.Id}}", self.container).stdout.decode().strip()
         found = []
         for proc in Path("/proc").iterdir():
             try:
                 if proc.name.isdigit() and (proc / "comm").read_text().strip() == name and \
-                        cid in (proc / "cgroup").read_text():
+                        cid in (proc / "cgroup").read_text() and \
+                        all(a in (proc / "cmdline").read_bytes().split(b"\0") for a in map(str.encode, args)):
                     found.append(int(proc.name))
             except OSError:
                 continue
