@@ -375,7 +375,7 @@ async def test_calls_that_never_return_are_counted_and_the_rest_say_why_they_wai
             r = c.snapshot.builders[("h1", "kamal")].results.get("records")
             return r is not None and not r.success and "no measurement thread was free" in r.error
 
-        await wait_until(says_why)
+        await wait_until(says_why, within=10)
         hang.set()  # the calls return (failing, as a hung builder's do in the end)
         await wait_until(lambda: c.snapshot.threads_stuck == 0)
         await wait_until(lambda: c.snapshot.builders[("h1", "kamal")].results["records"].success, within=10)

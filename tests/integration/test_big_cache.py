@@ -138,7 +138,11 @@ def test_a_prune_cut_off_by_its_timeout_says_what_buildkit_deleted_and_counts_as
     # The records: as buildctl printed them until it was killed; BuildKit stops after the pass it is
     # in, and the last few it deleted may have been on their way (hundreds a second at this size).
     # 5 s: on a loaded machine the exec takes seconds to start; BuildKit needs about 9 s for all.
-    assert 0 < failed["records"] <= gone <= failed["records"] * 1.05 + 5, (failed, gone)
+    # BuildKit's own listing of a cache it was just pruning can be a few records off its deletions
+    # either way: seen, 606 said deleted, 607 fewer listed by the actuator right after, 604 fewer by
+    # this test a moment later (one way: a record's mutable or immutable twin shows or hides with its
+    # refs, cache/manager.go DiskUsage). Hence the margin both ways.
+    assert failed["records"] > 0 and abs(gone - failed["records"]) <= failed["records"] * 0.05 + 5, (failed, gone)
     assert gone < len(before) - 100, "the prune was not cut off: give it a shorter timeout"
     # The bytes: measured before and after, by the actuator as by this test.
     freed = sum(r["size"] for r in before) - sum(r["size"] for r in after)

@@ -18,12 +18,11 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab.engines import ENGINE_CACHE, PrivateDockerd, UnixHTTPConnection, busybox_files
+from lab.engines import ENGINE_CACHE, PrivateDockerd, UnixHTTPConnection, build_twice_if_runc_lost_it, busybox_files
 
 BUILDKIT_BIN = ENGINE_CACHE / "buildkit-v0.32.2" / "bin"
 # The same BuildKit with its gRPC message limit lowered to 128 KiB (scripts/build-buildkit-small):
@@ -130,21 +129,6 @@ def build_rootless_image(dockerd: PrivateDockerd, work: Path) -> str:
 
 def has_buildx(dockerd: PrivateDockerd) -> bool:
     return dockerd.engine.release != "bookworm"
-
-
-RUNC_LOST_ITS_PROCESS = "runc run failed: container process is already dead"
-
-
-def build_twice_if_runc_lost_it(build: Callable[[], object]) -> None:
-    """`build`, again once if runc inside BuildKit lost a build step's process as it started
-    ("container process is already dead", once in 700 CI builds on a loaded 2-core machine):
-    BuildKit's failure, not what a test checks. The same build again runs from the cache it left."""
-    try:
-        build()
-    except RuntimeError as e:
-        if RUNC_LOST_ITS_PROCESS not in str(e):
-            raise
-        build()
 
 
 @dataclass

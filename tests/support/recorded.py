@@ -64,7 +64,7 @@ class RecordedBuilder(Builder):
     def _check(self, m: str) -> None:
         self.calls[m] = self.calls.get(m, 0) + 1
         if self.hang is not None and m in self.broken:
-            self.hang.wait(5)
+            self.hang.wait(60)  # until the test lets go (60 s only so that a failed test ends)
         if m in self.broken:
             raise Unavailable(f"{self.ref}: container is not running")
 
