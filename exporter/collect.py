@@ -348,6 +348,17 @@ class Collection:
                 return True
         return False
 
+    async def _look(self, builder: Builder) -> _Look | None:
+        """The look, or None where it could not be had: every measurement thread held by calls
+        that did not return, or a stat that did not answer in time. The check then goes by the
+        intervals alone, and each measurement due fails saying why, instead of the check ending
+        with an exception nobody hears and the last figures standing as if measured."""
+        try:
+            return await self._in_thread(lambda: self.look(builder))
+        except (Unavailable, TimeoutError) as exc:
+            log.debug("builder %s: no look at its state: %s", builder.ref, exc or "no answer in time")
+            return None
+
     async def check(self, builder: Builder, force: bool = False) -> None:
         """Measure what is due on one builder: everything when `force`, else what changed.
 
@@ -357,8 +368,9 @@ class Collection:
         mounts used) is not taken for a change."""
         key = builder.ref.key
         started = time.monotonic()
-        look = await self._in_thread(lambda: self.look(builder))
-        if look.fingerprint is None and key not in self._blind and not force:
+        seen = await self._look(builder)
+        look = seen or _Look(None, None)
+        if look.fingerprint is None and seen is not None and key not in self._blind and not force:
             self._blind.add(key)
             log.info("builder %s: its state directory is not visible here; measured on every interval", builder.ref)
         names = builder.measurements
@@ -373,7 +385,7 @@ class Collection:
             before = self._result(key, RECORDS)
             after = look
             if await self.measure(builder, BY_NAME[RECORDS]):
-                after = await self._in_thread(lambda: self.look(builder))
+                after = await self._look(builder) or _Look(None, None)  # unseen: measured again next time
                 value = self._result(key, RECORDS)
                 if before is not None and before.success and value is not None and \
                         BY_NAME[RECORDS].shrank(before.value, value.value):
@@ -494,9 +506,11 @@ class Collection:
             return now + interval * (1 + phase)
         return due + interval if due + interval > now else now + interval
 
-    def _done(self, job: tuple[str, ...], wake: asyncio.Event, _task: asyncio.Task[None]) -> None:
+    def _done(self, job: tuple[str, ...], wake: asyncio.Event, task: asyncio.Task[None]) -> None:
         self._running.pop(job, None)
         wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:  # a defect: said, not lost
+            log.error("%s ended unexpectedly: %s", "/".join(job), exc, exc_info=exc)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -376,6 +376,13 @@ async def test_calls_that_never_return_are_counted_and_the_rest_say_why_they_wai
             return r is not None and not r.success and "no measurement thread was free" in r.error
 
         await wait_until(says_why, within=10)
+        # A check that cannot even look at the builder (stat its databases: no thread for that
+        # either) fails what is due, saying why, instead of ending with an exception nobody hears.
+        before = c.snapshot.builders[("h1", "kamal")].results["records"]
+        await asyncio.sleep(0.15)  # past the records interval
+        await c.check(healthy)
+        after = c.snapshot.builders[("h1", "kamal")].results["records"]
+        assert after is not before and "no measurement thread was free" in after.error
         hang.set()  # the calls return (failing, as a hung builder's do in the end)
         await wait_until(lambda: c.snapshot.threads_stuck == 0)
         await wait_until(lambda: c.snapshot.builders[("h1", "kamal")].results["records"].success, within=10)
