@@ -34,18 +34,11 @@ def big(make_builder):
 
 
 def make_records(b: buildkit.Builder, n: int) -> list[dict]:
-    """`n` records made by bkce-recordgen, and BuildKit's records once it has let go of them all.
-    recordgen returns before BuildKit has released the last refs of its solves: until then `du`
-    says those records are in use at size 0 (cache/manager.go, DiskUsage), and a record that was
-    0 in the figures before a prune and 4096 after it reads as bytes the prune did not free."""
+    """`n` records made by bkce-recordgen, and BuildKit's records once it has let go of them all
+    (`buildkit.settled`): taken before, the figures move under a prune's comparison."""
     b.dockerd.cli("exec", b.container, "bkce-recordgen", "--records", str(n), "--chain", "5", "--bytes", "2048",
                   timeout=900)
-    deadline = time.monotonic() + 60
-    while True:
-        records = du_in_parts(b)
-        if not any(r.get("inUse") for r in records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.5)
+    return buildkit.settled(lambda: du_in_parts(b), timeout=60)
 
 
 def du_in_parts(b: buildkit.Builder) -> list[dict]:

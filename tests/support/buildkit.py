@@ -18,6 +18,7 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,19 @@ def has_buildx(dockerd: PrivateDockerd) -> bool:
     return dockerd.engine.release != "bookworm"
 
 
+def settled(du: Callable[[], list[dict[str, Any]]], timeout: float = 30.0) -> list[dict[str, Any]]:
+    """BuildKit's records once none is in use. A build's client returns before BuildKit has let go
+    of its records (it still writes the build's history, releases its solve's refs): meanwhile they
+    are in use, an in-use record shows in place of its mutable twin, and the listing moves until it
+    lets go (cache/manager.go DiskUsage). After `timeout`, the records as they are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = du()
+        if not any(r.get("inUse") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 @dataclass
 class Builder:
     """A docker-container builder: container `buildx_buildkit_<name>0`, volume `..._state`."""
@@ -185,14 +199,8 @@ class Builder:
         self.dockerd.cli("exec", self.container, "rm", "-rf", inside)
 
     def settle(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Wait until no record is in use: buildx returns before BuildKit has let go of a build's
-        records (it still writes the build's history), and a measurement in between sees them in use."""
-        deadline = time.monotonic() + timeout
-        while True:
-            du = self.du()
-            if not any(r["inUse"] for r in du) or time.monotonic() > deadline:
-                return du
-            time.sleep(0.2)
+        """`du` once no record is in use (`settled`): buildx returns before BuildKit has let go."""
+        return settled(self.du, timeout)
 
     def pid(self) -> int:
         """buildkitd's process id on this machine (the engine shares its PID namespace). buildx runs
@@ -460,14 +468,8 @@ class Buildkitd:
                                                           f"context={context}", "--local", f"dockerfile={context}"))
 
     def settle(self, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """`du` once no record is in use: buildctl returns before BuildKit has let go of a build's
-        records, and a measurement in between sees them in use."""
-        deadline = time.monotonic() + timeout
-        while True:
-            du = self.du()
-            if not any(r.get("inUse") for r in du) or time.monotonic() > deadline:
-                return du
-            time.sleep(0.2)
+        """`du` once no record is in use (`settled`): buildctl returns before BuildKit has let go."""
+        return settled(self.du, timeout)
 
     def stop(self) -> None:
         import os
