@@ -37,6 +37,12 @@ _CONNECTION_ERRORS = (
 )
 
 
+# Docker 20.10's answer to a second /system/df while one runs (daemon/disk_usage.go), and how long
+# to wait before asking again.
+_DF_BUSY = "a disk usage operation is already running"
+_DF_BUSY_PAUSE = 0.25
+
+
 class _APIClient(docker.APIClient):
     """The Docker SDK's client, whose TLS CA the environment cannot override: requests lets
     REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE replace a session's `verify` on every request, so a
@@ -190,11 +196,25 @@ class DockerHost:
     def system_df_build_cache(self) -> Mapping[str, Any]:
         """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it, and
         for the record list (`verbose`) where the API (1.52+) lists records only when asked."""
-        return self._call("GET /system/df", lambda c: _mapping(c._result(self._system_df(c), True)))  # type: ignore[attr-defined]
+        return self._system_df_call(lambda c: _mapping(c._result(self._system_df(c), True)))  # type: ignore[attr-defined]
 
     def system_df_build_cache_bytes(self) -> bytes:
         """The same answer, undecoded: the exporter decodes only the fields it needs (decode.py)."""
-        return self._call("GET /system/df", lambda c: bytes(c._result(self._system_df(c), binary=True)))  # type: ignore[attr-defined]
+        return self._system_df_call(lambda c: bytes(c._result(self._system_df(c), binary=True)))  # type: ignore[attr-defined]
+
+    def _system_df_call(self, fn: Callable[[docker.APIClient], T]) -> T:
+        """Docker 20.10 computes one disk usage at a time and refuses a second meanwhile (500 "a
+        disk usage operation is already running"; 23.0 and later share the one running): someone's
+        `docker system df` must not fail the measurement, so it waits for that one, within its time."""
+        until = time.monotonic() + deadline.left(self.timeout)
+        while True:
+            try:
+                return self._call("GET /system/df", fn)
+            except Unavailable as exc:
+                if _DF_BUSY not in str(exc) or time.monotonic() + _DF_BUSY_PAUSE >= until:
+                    raise
+                log.debug("%s; asking again in %gs", exc, _DF_BUSY_PAUSE)
+                time.sleep(_DF_BUSY_PAUSE)
 
     @staticmethod
     def _system_df(c: docker.APIClient) -> Any:

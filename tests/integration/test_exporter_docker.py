@@ -6,11 +6,15 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from buildkit_cache.config import parse_config
+from buildkit_cache.docker_api import api_at_least
+from buildkit_cache.errors import BuilderError
 from buildkit_cache.exporter.collect import collect_once as collect_snapshot
 from buildkit_cache.exporter.metrics import registry_for
 from buildkit_cache.inventory import Inventory
@@ -119,6 +123,42 @@ def test_engine_records_keep_their_parent_links(build_cache):
     assert any(want.values()), "the builds made records with parents"
     (engine,) = [b for b in Inventory(config_for(build_cache)).discover("test").builders if b.ref.name == "default"]
     assert {r.id: r.parents for r in engine.records()} == want
+
+
+def test_someones_docker_system_df_meanwhile_fails_no_records_measurement(build_cache):
+    """Someone runs `docker system df` while the exporter measures. Docker 20.10 computes one disk
+    usage at a time and refuses a second meanwhile (500 "a disk usage operation is already running"),
+    which failed the exporter's records measurement; it waits for the other one now. 23.0 and later
+    share the one running, so there both just answer."""
+    (engine,) = [b for b in Inventory(config_for(build_cache)).discover("test").builders if b.ref.name == "default"]
+    stop = threading.Event()
+    runs, refused = [], []  # the CLI's own runs, and its refusals: proof that the two overlapped
+
+    def someone() -> None:
+        while not stop.is_set():
+            done = build_cache.cli("system", "df", check=False)
+            runs.append(done.returncode)
+            if b"a disk usage operation is already running" in done.stderr:
+                refused.append(done.stderr)
+
+    user = threading.Thread(target=someone)
+    user.start()
+    failures, measured = [], 0
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 4 or len(runs) < 10:
+            try:
+                engine.usage()
+                measured += 1
+            except BuilderError as exc:
+                failures.append(str(exc))
+    finally:
+        stop.set()
+        user.join()
+    assert not failures, failures[:3]
+    assert measured > 10
+    if not api_at_least(engine.host.api_version, "1.42"):  # 20.10: the user's CLI was refused meanwhile
+        assert refused, f"the two never overlapped in {len(runs)} runs of docker system df: ask more often"
 
 
 def snapshot_dir(dockerd) -> str:
