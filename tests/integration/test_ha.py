@@ -95,9 +95,12 @@ def test_two_clustered_alertmanagers_and_two_replicas_converge_on_the_budget(big
                  timeout=60)
         by_replica = pruned()
         assert all(len(p) <= 1 for p in by_replica), by_replica
+        # A replica that hears of it after the other's prune finds the cache under its budget: that is
+        # a skip too (each replica keeps its own cooldown; the cache itself is what they share).
         for _, path in replicas:
             later = [e for e in audit(path) if e["event"] == "skipped"]
-            assert all(e["decision"] in ("cooldown", "duplicate_in_progress", "resolved") for e in later), later
+            assert all(e["decision"] in ("cooldown", "duplicate_in_progress", "under_budget", "resolved")
+                       for e in later), later
         assert unshared(dockerd) == after <= BUDGET
 
         # Reclaimed bytes summed over the replicas (what the dashboard sums) are what the cache lost.
