@@ -157,7 +157,8 @@ class DockerHost:
             except docker.errors.APIError as exc:
                 if exc.status_code is not None and exc.status_code < 500:
                     raise client_error(f"{what} on {self.name}: {_short(exc)}") from exc
-                self._reset()
+                if _DF_BUSY not in _short(exc):  # busy is an answer: keep the connection (ssh://)
+                    self._reset()
                 raise Unavailable(f"{what} on {self.name}: {_short(exc)}") from exc
             except _CONNECTION_ERRORS as exc:
                 self._reset()
