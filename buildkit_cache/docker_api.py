@@ -38,9 +38,9 @@ _CONNECTION_ERRORS = (
 
 
 # Docker 20.10's answer to a second /system/df while one runs (daemon/disk_usage.go), and how long
-# to wait before asking again.
+# to wait before asking again after such an answer.
 _DF_BUSY = "a disk usage operation is already running"
-_DF_BUSY_PAUSE = 0.25
+_BUSY_PAUSE = 0.25
 
 
 class _APIClient(docker.APIClient):
@@ -142,31 +142,39 @@ class DockerHost:
             self._client = None
 
     def _call(self, what: str, fn: Callable[[docker.APIClient], T], client_error: type[BuilderError] = BuilderError,
-              retry: bool = True) -> T:
+              retry: bool = True, busy: str = "") -> T:
         """Run one SDK call. A refusal (4xx) raises `client_error`; a daemon that is down, failing
         or too slow raises Unavailable and drops the client so the next call reconnects.
 
         Over ssh:// a pooled connection whose `docker system dial-stdio` has ended fails the next
         call with a broken pipe: a call that may run twice (`retry`, every read) is tried once more
-        on a fresh connection."""
+        on a fresh connection. An answer containing `busy` ("one is running, come back") is asked
+        again every _BUSY_PAUSE on the same connection, within the call's time."""
         attempts = 2 if retry and self.url.startswith("ssh://") else 1
-        for attempt in range(1, attempts + 1):
+        until = time.monotonic() + deadline.left(self.timeout)
+        attempt = 1
+        while True:
             client = self.client()
             try:
                 return fn(client)
             except docker.errors.APIError as exc:
+                said = _short(exc)
                 if exc.status_code is not None and exc.status_code < 500:
-                    raise client_error(f"{what} on {self.name}: {_short(exc)}") from exc
-                if _DF_BUSY not in _short(exc):  # busy is an answer: keep the connection (ssh://)
+                    raise client_error(f"{what} on {self.name}: {said}") from exc
+                if not busy or busy not in said:
                     self._reset()
-                raise Unavailable(f"{what} on {self.name}: {_short(exc)}") from exc
+                elif time.monotonic() + _BUSY_PAUSE < until:  # an answer: the connection is fine
+                    log.debug("%s on %s: %s; asking again in %gs", what, self.name, said, _BUSY_PAUSE)
+                    time.sleep(_BUSY_PAUSE)
+                    continue
+                raise Unavailable(f"{what} on {self.name}: {said}") from exc
             except _CONNECTION_ERRORS as exc:
                 self._reset()
                 if attempt < attempts:
+                    attempt += 1
                     log.debug("%s on %s: %s; once more on a new connection", what, self.name, _short(exc))
                     continue
                 raise Unavailable(f"{what} on {self.name}: {self._socket_said(exc) or f'Docker at {self.url} is unreachable: {_short(exc)}'}") from exc
-        raise AssertionError("unreachable")
 
     def _socket_said(self, exc: BaseException) -> str | None:
         """For a unix socket this process may not use, or that is not there: who owns it and what to
@@ -196,26 +204,18 @@ class DockerHost:
 
     def system_df_build_cache(self) -> Mapping[str, Any]:
         """`GET /system/df`, asking for the build cache only where the API (1.42+) honours it, and
-        for the record list (`verbose`) where the API (1.52+) lists records only when asked."""
-        return self._system_df_call(lambda c: _mapping(c._result(self._system_df(c), True)))  # type: ignore[attr-defined]
+        for the record list (`verbose`) where the API (1.52+) lists records only when asked.
+
+        Docker 20.10 computes one disk usage at a time and refuses a second meanwhile (23.0 and
+        later share the one running): someone's `docker system df` must not fail the measurement,
+        so it waits for that one."""
+        return self._call("GET /system/df", lambda c: _mapping(c._result(self._system_df(c), True)),  # type: ignore[attr-defined]
+                          busy=_DF_BUSY)
 
     def system_df_build_cache_bytes(self) -> bytes:
         """The same answer, undecoded: the exporter decodes only the fields it needs (decode.py)."""
-        return self._system_df_call(lambda c: bytes(c._result(self._system_df(c), binary=True)))  # type: ignore[attr-defined]
-
-    def _system_df_call(self, fn: Callable[[docker.APIClient], T]) -> T:
-        """Docker 20.10 computes one disk usage at a time and refuses a second meanwhile (500 "a
-        disk usage operation is already running"; 23.0 and later share the one running): someone's
-        `docker system df` must not fail the measurement, so it waits for that one, within its time."""
-        until = time.monotonic() + deadline.left(self.timeout)
-        while True:
-            try:
-                return self._call("GET /system/df", fn)
-            except Unavailable as exc:
-                if _DF_BUSY not in str(exc) or time.monotonic() + _DF_BUSY_PAUSE >= until:
-                    raise
-                log.debug("%s; asking again in %gs", exc, _DF_BUSY_PAUSE)
-                time.sleep(_DF_BUSY_PAUSE)
+        return self._call("GET /system/df", lambda c: bytes(c._result(self._system_df(c), binary=True)),  # type: ignore[attr-defined]
+                          busy=_DF_BUSY)
 
     @staticmethod
     def _system_df(c: docker.APIClient) -> Any:
